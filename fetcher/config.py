@@ -1,0 +1,214 @@
+"""Settings: defaults < config file < ``FETCHER_*`` environment < command-line flags.
+
+Every key is documented with its default in ``configs/default.yaml``. Settings are frozen once
+loaded; secrets never sit in them (SMTP passwords are named by environment variable, proxy
+credentials come from ``${ENV}`` expansion and are hidden from ``repr``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from . import __version__
+from .errors import ConfigError
+
+ENV_PREFIX = "FETCHER_"
+
+_frozen = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSettings(BaseModel):
+    model_config = _frozen
+    verify: bool = True
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+class NetworkSettings(BaseModel):
+    model_config = _frozen
+    block_private: bool = False
+    deny_networks: tuple[str, ...] = ()
+    allow_networks: tuple[str, ...] = ()
+
+
+class SmtpProfile(BaseModel):
+    model_config = _frozen
+    host: str = "localhost"
+    port: int = Field(587, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password_env: str | None = None
+    timeout: float = Field(30, gt=0)
+    pool_size: int = Field(4, ge=1)
+    max_messages_per_connection: int = Field(100, ge=1)
+    rate: float | None = Field(None, gt=0)
+    ca_bundle: Path | None = None
+    idle_timeout: float = Field(30, gt=0)
+
+
+def _default_smtp() -> dict[str, SmtpProfile]:
+    return {"default": SmtpProfile()}
+
+
+class Settings(BaseSettings):
+    """Everything a run can be told. Keys match the config file and ``FETCHER_<KEY>``."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+
+    concurrency: int = Field(100, ge=1, le=100_000)
+    per_host: int = Field(0, ge=0)
+    rate: float | None = Field(None, gt=0)
+    timeout: float = Field(30, gt=0)
+    retries: int = Field(2, ge=0, le=100)
+    max_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    max_redirects: int = Field(10, ge=0)
+    backoff_base: float = Field(0.5, ge=0)
+    backoff_max: float = Field(30, ge=0)
+    retry_after_max: float = Field(60, ge=0)
+    shutdown_grace: float = Field(10, ge=0)
+    fsync_interval: float | None = Field(None, gt=0)
+    progress_interval: float = Field(10, gt=0)
+    user_agent: str = f"fetcher/{__version__}"
+    headers: dict[str, str] = Field(default_factory=dict)
+    resolve: dict[str, str] = Field(default_factory=dict)
+    tls: TlsSettings = TlsSettings()
+    network: NetworkSettings = NetworkSettings()
+    proxy: str | None = Field(None, repr=False)
+    trust_env: bool = False
+    smtp: dict[str, SmtpProfile] = Field(default_factory=_default_smtp)
+
+    @field_validator("smtp")
+    @classmethod
+    def _keep_default_profile(cls, v: dict[str, SmtpProfile]) -> dict[str, SmtpProfile]:
+        # A config that defines only `bulk` still has `default` for jobs that name none.
+        return v if "default" in v else {"default": SmtpProfile(), **v}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags arrive as init arguments: they win over the environment, which wins over the file.
+        file_data = _file_data.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if file_data:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=file_data))
+        return tuple(sources)
+
+
+# The config file's contents reach settings_customise_sources (a classmethod) through this.
+_file_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "_file_data", default=None
+)
+
+_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
+    """Replace ``${NAME}`` with the variable's value; ``$${NAME}`` stays literal ``${NAME}``.
+
+    Raises KeyError naming the first missing variable.
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1):
+            return "${" + m.group(2) + "}"
+        return environ[m.group(2)]
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _expand_tree(node: Any, where: str) -> Any:
+    if isinstance(node, str):
+        if "${" not in node:
+            return node
+        try:
+            return expand_env(node)
+        except KeyError as exc:
+            raise ConfigError(f"{where}: environment variable {exc.args[0]} is not set") from None
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, f"{where}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, where) for v in node]
+    return node
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config file {path}{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping of keys, got {type(data).__name__}"
+        )
+    expanded: dict[str, Any] = _expand_tree(data, str(path))
+    return expanded
+
+
+def load_settings(
+    config_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build Settings from the config file, the environment and flag overrides.
+
+    Raises ConfigError with one line naming the key and where its bad value came from.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_data = read_config_file(config_path) if config_path else {}
+    token = _file_data.set(file_data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, overrides, config_path)) from None
+    finally:
+        _file_data.reset(token)
+
+
+def _describe(exc: ValidationError, flags: dict[str, Any], config_path: str | Path | None) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    top = str(err["loc"][0]) if err["loc"] else ""
+    if top in flags:
+        where = f"--{top.replace('_', '-')}"
+    elif any(k.upper().startswith(ENV_PREFIX + top.upper()) for k in os.environ):
+        where = f"environment {ENV_PREFIX}{top.upper()}"
+    elif config_path:
+        where = f"config file {config_path}"
+    else:
+        where = "settings"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"config error in {where}: {loc}: {msg}"

@@ -1,0 +1,73 @@
+"""The exceptions fetcher raises, and the error types its result lines carry.
+
+    FetcherError
+    ├── SetupError          stops a run before any network use (exit 2)
+    │   ├── ConfigError     a bad config file, flag or FETCHER_* variable
+    │   └── JobFileError    the job file cannot be opened or read
+    ├── OutputError         results can no longer be written (disk full, I/O error)
+    │   └── OutputClosed    the reader went away (a closed pipe): stop quietly
+    └── JobError            one job failed; becomes that job's result line, never escapes the pool
+
+Per-job error *types* are the strings of SPEC.md's table; ``JobError.type`` is one of them.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+ErrorType = Literal[
+    "invalid_job",
+    "invalid_url",
+    "blocked",
+    "dns",
+    "connect",
+    "tls",
+    "timeout",
+    "protocol",
+    "too_large",
+    "too_many_redirects",
+    "http_status",
+    "smtp_temporary",
+    "smtp_rejected",
+    "smtp_auth",
+    "abandoned",
+    "internal",
+]
+
+ERROR_TYPES: Final[tuple[str, ...]] = get_args(ErrorType)
+
+
+class FetcherError(Exception):
+    """Root of every exception fetcher raises on purpose."""
+
+
+class SetupError(FetcherError):
+    """The run cannot start; nothing was sent."""
+
+
+class ConfigError(SetupError):
+    """A config value is wrong; the message says which and where."""
+
+
+class JobFileError(SetupError):
+    """The job file cannot be opened or read."""
+
+
+class OutputError(FetcherError):
+    """The results output failed; the file keeps only whole lines."""
+
+
+class OutputClosed(OutputError):
+    """The reader of the output closed it (``| head``); the run ends quietly."""
+
+
+class JobError(FetcherError):
+    """A failure of one job, carried into its result line."""
+
+    def __init__(self, type: ErrorType, message: str) -> None:
+        super().__init__(message)
+        self.type: ErrorType = type
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}

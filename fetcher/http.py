@@ -1,0 +1,362 @@
+"""The HTTP handler: one shared ClientSession, one attempt of an HttpJob -> Outcome.
+
+Every aiohttp and OS exception is mapped here, at the module's edge, to one of SPEC's error types
+with a one-line message built from known parts (never ``str(exc)`` of a client error, which can
+carry the URL and request headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import socket
+import ssl
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from .config import Settings
+from .errors import JobError
+from .jobs import UNSAFE_METHODS, HttpJob, mask_url
+from .netpolicy import NetworkPolicy, is_blocked_error
+from .pool import Outcome
+from .ratelimit import KeyedRate, KeyedSlots
+
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+DNS_CACHE_SECONDS = 300
+
+
+class Resolver(AbstractResolver):
+    """Answers reserved and pinned names itself; asks the system's resolver for the rest.
+
+    Pinned names (config ``resolve``, like curl's ``--resolve``) map a host name to an address.
+    Names under ``.invalid`` fail at once and ``localhost`` is the loopback, as RFC 6761 asks,
+    so neither ever costs a query to a name server.
+    """
+
+    def __init__(self, pinned: dict[str, str]) -> None:
+        self._pinned = {k.lower().rstrip("."): v for k, v in pinned.items()}
+        self._system: AbstractResolver | None = None
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        name = host.lower().rstrip(".")
+        if name in self._pinned:
+            return [_result(host, self._pinned[name], port)]
+        if name == "invalid" or name.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if name == "localhost" or name.endswith(".localhost"):
+            return [_result(host, "127.0.0.1", port)]
+        if self._system is None:
+            self._system = aiohttp.DefaultResolver()
+        return await self._system.resolve(host, port, family)
+
+    async def close(self) -> None:
+        if self._system is not None:
+            await self._system.close()
+
+
+def _result(host: str, address: str, port: int) -> ResolveResult:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return ResolveResult(
+        hostname=host,
+        host=address,
+        port=port,
+        family=family,
+        proto=0,
+        flags=socket.AI_NUMERICHOST,
+    )
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    tls = settings.tls
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.ca_bundle is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_bundle))
+    if tls.client_cert is not None:
+        ctx.load_cert_chain(
+            str(tls.client_cert), str(tls.client_key) if tls.client_key is not None else None
+        )
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class HttpHandler:
+    """Runs HttpJob attempts through one shared session. Use as an async context manager."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._timeout = settings.timeout
+        self._max_bytes = settings.max_bytes
+        self._max_redirects = settings.max_redirects
+        self._slots = KeyedSlots(settings.per_host)
+        self._rate = KeyedRate(settings.rate)
+        net = settings.network
+        self.policy = NetworkPolicy(
+            block_private=net.block_private, deny=net.deny_networks, allow=net.allow_networks
+        )
+        self._resolver = Resolver(settings.resolve)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("HttpHandler used outside 'async with'")
+        return self._session
+
+    async def __aenter__(self) -> HttpHandler:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.concurrency,
+            limit_per_host=s.per_host,
+            ttl_dns_cache=DNS_CACHE_SECONDS,
+            ssl=ssl_context(s),
+            resolver=self._resolver,
+            socket_factory=self.policy.socket_factory,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # Jobs are independent: no cookie carries over from one to another.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # The deadline is ours (asyncio.timeout per attempt); aiohttp's `total` would also
+            # count the wait for a free connection (aio-libs/aiohttp#10313).
+            timeout=aiohttp.ClientTimeout(total=None),
+            headers={"User-Agent": s.user_agent, **s.headers},
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            trust_env=s.trust_env,
+            proxy=s.proxy,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        await self._resolver.close()
+
+    async def attempt(self, job: HttpJob) -> Outcome:
+        url = job.target
+        host = url.host or ""
+        await self._rate.acquire(host)
+        await self._slots.acquire(host)
+        resp: aiohttp.ClientResponse | None = None
+        timeout = job.timeout or self._timeout
+        try:
+            # The deadline starts once this job holds its host slot: waiting behind other jobs
+            # to the same host is not the server's fault.
+            async with asyncio.timeout(timeout):
+                async with self.session.request(
+                    job.method,
+                    url,
+                    headers=job.headers or None,
+                    params=job.params or None,
+                    json=job.json_body if job.has_json else None,
+                    data=job.data,
+                    allow_redirects=job.allow_redirects,
+                    max_redirects=self._max_redirects,
+                ) as resp:
+                    return await self._read(job, resp)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below, anything else re-raised
+            return self._failure(job, exc, resp, timeout)
+        finally:
+            self._slots.release(host)
+
+    async def _read(self, job: HttpJob, resp: aiohttp.ClientResponse) -> Outcome:
+        max_bytes = self._max_bytes if job.max_bytes is None else job.max_bytes
+        fields = _response_fields(job, resp)
+        length = resp.content_length
+        # Content-Length is the size on the wire; only without an encoding is it the body's size.
+        if length is not None and length > max_bytes and "Content-Encoding" not in resp.headers:
+            resp.close()
+            return _too_large(fields, max_bytes)
+        digest = hashlib.sha256()
+        keep = job.body != "none"
+        chunks: list[bytes] = []
+        size = 0
+        read = resp.content.readany
+        while chunk := await read():
+            size += len(chunk)
+            if size > max_bytes:
+                resp.close()  # drop the connection rather than drain a huge or endless body
+                return _too_large(fields, max_bytes)
+            digest.update(chunk)
+            if keep:
+                chunks.append(chunk)
+        fields["bytes"] = size
+        fields["sha256"] = digest.hexdigest()
+        if keep:
+            _put_body(fields, job.body, b"".join(chunks), resp.charset)
+        status = resp.status
+        if status < 400:
+            return Outcome(fields)
+        retry = status in RETRY_STATUSES and self._may_retry(job, reached=True)
+        return Outcome(
+            fields,
+            JobError("http_status", f"HTTP {status} {resp.reason or ''}".rstrip()),
+            retry=retry,
+            retry_after=retry_after_seconds(resp.headers.get("Retry-After")) if retry else None,
+        )
+
+    def _may_retry(self, job: HttpJob, *, reached: bool) -> bool:
+        return not reached or job.retry_unsafe or job.method not in UNSAFE_METHODS
+
+    def _failure(
+        self, job: HttpJob, exc: Exception, resp: aiohttp.ClientResponse | None, timeout: float
+    ) -> Outcome:
+        fields = _response_fields(job, resp) if resp is not None else _empty_fields(job)
+        error, retryable, reached = classify(exc, timeout)
+        retry = retryable and self._may_retry(job, reached=reached)
+        return Outcome(fields, error, retry=retry)
+
+
+def _empty_fields(job: HttpJob) -> dict[str, Any]:
+    return {
+        "url": mask_url(job.url),
+        "final_url": None,
+        "method": job.method,
+        "status": None,
+        "headers": None,
+        "content_type": None,
+        "bytes": None,
+        "sha256": None,
+        "redirects": 0,
+    }
+
+
+def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    for name, value in resp.headers.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return {
+        "url": mask_url(job.url),
+        "final_url": mask_url(str(resp.url)),
+        "method": job.method,
+        "status": resp.status,
+        "headers": headers,
+        "content_type": resp.headers.get("Content-Type"),
+        "bytes": None,
+        "sha256": None,
+        "redirects": len(resp.history),
+    }
+
+
+def _too_large(fields: dict[str, Any], max_bytes: int) -> Outcome:
+    return Outcome(fields, JobError("too_large", f"body is larger than max_bytes ({max_bytes})"))
+
+
+def _put_body(fields: dict[str, Any], mode: str, body: bytes, charset: str | None) -> None:
+    if mode == "text":
+        try:
+            fields["body"] = body.decode(charset or "utf-8", errors="replace")
+        except LookupError:  # a charset Python does not know
+            fields["body"] = body.decode("utf-8", errors="replace")
+    elif mode == "base64":
+        fields["body"] = base64.b64encode(body).decode("ascii")
+    else:
+        # A body that is not JSON does not fail the fetch: the job got its response.
+        try:
+            fields["body"] = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            fields["body"] = None
+            fields["body_error"] = f"not valid JSON: {str(exc).splitlines()[0]}"
+
+
+def classify(exc: BaseException, timeout: float) -> tuple[JobError, bool, bool]:
+    """(error, retryable, may have reached the server) for an exception of one attempt."""
+    if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
+        return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        where = f"{exc.host}:{exc.port}"
+        os_error = exc.os_error
+        if is_blocked_error(os_error):
+            return JobError("blocked", f"{where}: {_os_message(os_error)}"), False, False
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            temporary = getattr(os_error, "errno", None) == socket.EAI_AGAIN
+            return (
+                JobError("dns", f"cannot resolve {exc.host}: {_os_message(os_error)}"),
+                temporary,
+                False,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            cert = exc.certificate_error
+            reason = (
+                getattr(cert, "verify_message", None) or getattr(cert, "reason", None) or "invalid"
+            )
+            return JobError("tls", f"certificate of {where} not accepted: {reason}"), False, False
+        if isinstance(exc, aiohttp.ClientSSLError):
+            reason = getattr(os_error, "reason", None) or _os_message(os_error)
+            return JobError("tls", f"TLS handshake with {where} failed: {reason}"), False, False
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return (
+                JobError("connect", f"cannot connect to proxy {where}: {_os_message(os_error)}"),
+                True,
+                False,
+            )
+        return (
+            JobError("connect", f"cannot connect to {where}: {_os_message(os_error)}"),
+            True,
+            False,
+        )
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return JobError("too_many_redirects", "too many redirects"), False, True
+    if isinstance(
+        exc, aiohttp.NonHttpUrlRedirectClientError | aiohttp.InvalidUrlRedirectClientError
+    ):
+        return JobError("too_many_redirects", "redirect to a URL that is not http(s)"), False, True
+    if isinstance(exc, aiohttp.InvalidURL):
+        return JobError("invalid_url", "URL cannot be requested"), False, False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return JobError("connect", "server closed the connection without a response"), True, True
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return JobError("protocol", "connection closed or body malformed mid-body"), True, True
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # The response parser reports malformed status lines and header limits this way.
+        return JobError("protocol", f"malformed response: {_clean(exc.message)}"), True, True
+    if isinstance(exc, aiohttp.ClientOSError | OSError):
+        return JobError("connect", f"connection failed: {_os_message(exc)}"), True, True
+    if isinstance(exc, aiohttp.ClientError):
+        return JobError("protocol", f"HTTP client error: {type(exc).__name__}"), True, True
+    raise exc
+
+
+def _os_message(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    code = getattr(exc, "errno", None)
+    text = getattr(exc, "strerror", None)
+    if not text and isinstance(code, int) and code > 0 and not isinstance(exc, socket.gaierror):
+        text = os.strerror(code)
+    text = text or str(exc) or type(exc).__name__
+    return _clean(text)
+
+
+def _clean(text: str) -> str:
+    """One short printable line."""
+    line = " ".join(str(text).split())
+    return line[:200]

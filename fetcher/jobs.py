@@ -1,0 +1,312 @@
+"""Jobs as read from a job file: validation into HttpJob / MailJob, or an InvalidJob.
+
+Plain data, no I/O. ``JobParser.parse`` turns one decoded object into a job, never raising for bad
+input: whatever is wrong with it becomes an InvalidJob that the run reports as one result line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from yarl import URL
+
+from .config import expand_env
+from .errors import ErrorType
+from .timeutil import utc_now_iso
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#  Methods that change state on the server: never retried once the request may have reached it.
+UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+
+
+def _no_line_breaks(v: str) -> str:
+    if "\r" in v or "\n" in v or "\x00" in v:
+        raise ValueError("must not contain CR, LF or NUL")
+    return v
+
+
+def _method(v: str) -> str:
+    if not _TOKEN.match(v):
+        raise ValueError("must be an HTTP token (letters, no spaces or control characters)")
+    return v.upper()
+
+
+def _header_map(v: dict[str, str]) -> dict[str, str]:
+    for name, value in v.items():
+        if not _TOKEN.match(name):
+            raise ValueError(f"header name {name!r} is not a valid token")
+        if "\r" in value or "\n" in value or "\x00" in value:
+            raise ValueError(f"header {name} must not contain CR, LF or NUL")
+    return v
+
+
+SafeStr = Annotated[str, AfterValidator(_no_line_breaks)]
+Headers = Annotated[dict[str, str], AfterValidator(_header_map)]
+ParamValue = str | int | float | bool
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    id: str
+    timeout: float | None = Field(None, gt=0)
+    retries: int | None = Field(None, ge=0, le=100)
+    meta: Any = None
+    """Anything the user wants carried into the result line untouched (e.g. a row key)."""
+
+    _line: int = PrivateAttr(0)
+
+    @property
+    def line(self) -> int:
+        """1-based line (JSONL) or position (YAML) of the job in its input."""
+        return self._line
+
+
+class HttpJob(_Job):
+    kind: Literal["http"] = "http"
+    url: str
+    method: Annotated[str, AfterValidator(_method)] = "GET"
+    headers: Headers = Field(default_factory=dict)
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+    json_body: Any = Field(None, alias="json")
+    data: str | None = None
+    max_bytes: int | None = Field(None, ge=0)
+    allow_redirects: bool = True
+    body: Literal["none", "text", "base64", "json"] = "none"
+    retry_unsafe: bool = False
+
+    _url: URL = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _one_body(self) -> HttpJob:
+        if "json_body" in self.model_fields_set and self.data is not None:
+            raise ValueError("give at most one of 'json' and 'data'")
+        return self
+
+    @property
+    def has_json(self) -> bool:
+        return "json_body" in self.model_fields_set
+
+    @property
+    def target(self) -> URL:
+        """The parsed URL (validated when the job was read)."""
+        return self._url
+
+
+class MailJob(_Job):
+    kind: Literal["mail"] = "mail"
+    smtp: str = "default"
+    sender: SafeStr = Field(alias="from")
+    to: list[SafeStr]
+    cc: list[SafeStr] = Field(default_factory=list)
+    bcc: list[SafeStr] = Field(default_factory=list)
+    subject: SafeStr = ""
+    text: str | None = None
+    html: str | None = None
+    headers: Headers = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _listify(cls, data: Any) -> Any:
+        # `to`, `cc` and `bcc` accept one address as a plain string.
+        if isinstance(data, dict):
+            for key in ("to", "cc", "bcc"):
+                if isinstance(data.get(key), str):
+                    data = {**data, key: [data[key]]}
+        return data
+
+    @model_validator(mode="after")
+    def _has_recipient(self) -> MailJob:
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("needs at least one recipient in 'to', 'cc' or 'bcc'")
+        return self
+
+
+Job = HttpJob | MailJob
+
+
+@dataclass(slots=True, frozen=True)
+class InvalidJob:
+    """A job refused before any attempt; its result line says why and where."""
+
+    id: str
+    line: int
+    kind: str | None
+    type: ErrorType
+    message: str
+    read_at: str
+    url: str | None = None
+
+    def to_result(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind,
+            "ok": False,
+            "attempts": 0,
+            "started_at": self.read_at,
+            "elapsed_ms": 0,
+            "error": {"type": self.type, "message": self.message},
+            "line": self.line,
+        }
+        if self.url is not None:
+            result["url"] = self.url
+        return result
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password in it replaced by ``***``."""
+    if "@" not in url:
+        return url
+    try:
+        u = URL(url)
+    except (ValueError, TypeError):
+        return _CONTROL.sub("", url.split("@")[-1])
+    if u.password is None:
+        return url
+    return str(u.with_password("***"))
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _expand(node: Any, environ: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, environ) if "${" in node else node  # type: ignore[arg-type]
+    if isinstance(node, dict):
+        return {k: _expand(v, environ) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, environ) for v in node]
+    return node
+
+
+def check_url(url: str) -> tuple[URL | None, str]:
+    """Parse an http(s) URL; return (URL, "") or (None, reason)."""
+    if _CONTROL.search(url) or " " in url:
+        return None, "URL contains control characters or spaces"
+    try:
+        u = URL(url)
+    except (ValueError, TypeError):
+        return None, "URL cannot be parsed"
+    if u.scheme not in ("http", "https"):
+        return None, "only absolute http:// and https:// URLs are fetched"
+    if not u.host:
+        return None, "URL has no host"
+    try:
+        u.port  # noqa: B018 - a bad port raises only when read
+    except ValueError:
+        return None, "URL has an invalid port"
+    return u, ""
+
+
+class JobParser:
+    """Turns decoded job objects into jobs; knows the SMTP profile names to check against."""
+
+    def __init__(
+        self,
+        *,
+        smtp_profiles: Collection[str] = ("default",),
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._profiles = frozenset(smtp_profiles)
+        self._environ = os.environ if environ is None else environ
+
+    def invalid(
+        self, line: int, message: str, *, id: str | None = None, kind: str | None = None
+    ) -> InvalidJob:
+        return InvalidJob(
+            id=id if id is not None else str(line),
+            line=line,
+            kind=kind,
+            type="invalid_job",
+            message=message,
+            read_at=utc_now_iso(),
+        )
+
+    def parse(self, obj: Any, line: int, *, expand: bool = True) -> HttpJob | MailJob | InvalidJob:
+        """Validate one job object read at ``line``; never raises for bad input."""
+        if not isinstance(obj, dict):
+            return self.invalid(line, f"a job must be an object, got {_json_type(obj)}")
+        raw_id = obj.get("id")
+        id_ = raw_id if isinstance(raw_id, str) else str(line)
+        kind = obj.get("kind")
+        if kind is None:
+            kind = "http" if "url" in obj else None
+        known_kind = kind if kind in ("http", "mail") else None
+        if raw_id is not None and not isinstance(raw_id, str):
+            return self.invalid(line, "id: must be a string", id=id_, kind=known_kind)
+        if known_kind is None:
+            msg = (
+                "missing field 'url' (or 'kind': 'mail')"
+                if kind is None
+                else ("kind: must be 'http' or 'mail'")
+            )
+            return self.invalid(line, msg, id=id_)
+        if expand:
+            try:
+                obj = _expand(obj, self._environ)
+            except KeyError as exc:
+                return self.invalid(
+                    line, f"environment variable {exc.args[0]} is not set", id=id_, kind=kind
+                )
+        if raw_id is None:
+            obj = {**obj, "id": id_}
+        try:
+            model: type[HttpJob | MailJob] = HttpJob if kind == "http" else MailJob
+            job = model.model_validate(obj)
+        except ValidationError as exc:
+            return self.invalid(line, _describe(exc), id=id_, kind=kind)
+        except RecursionError:
+            return self.invalid(line, "job is nested too deeply", id=id_, kind=kind)
+        job._line = line
+        if isinstance(job, HttpJob):
+            url, reason = check_url(job.url)
+            if url is None:
+                return InvalidJob(
+                    id=id_,
+                    line=line,
+                    kind="http",
+                    type="invalid_url",
+                    message=reason,
+                    read_at=utc_now_iso(),
+                    url=mask_url(job.url),
+                )
+            job._url = url
+        elif job.smtp not in self._profiles:
+            return self.invalid(line, f"smtp: unknown profile {job.smtp!r}", id=id_, kind=kind)
+        return job
+
+
+def _json_type(obj: Any) -> str:
+    if obj is None:
+        return "null"
+    return {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(obj), type(obj).__name__)

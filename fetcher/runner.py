@@ -1,0 +1,203 @@
+"""The composition root of a run: job source -> pool(handlers) -> writer, with signals and drain.
+
+Nothing here knows how a job is fetched or sent; it wires the parts together, decides which jobs
+run (resume, shard), and turns the way the run ended into an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .errors import OutputClosed, OutputError, SetupError
+from .http import HttpHandler
+from .jobs import JobParser
+from .pool import Handler, Pool, RetryPolicy
+from .resume import DoneIds, prepare_resume
+from .sink import JsonlWriter
+from .sources import Item, JobSource
+from .stats import Progress, Stats
+
+log = logging.getLogger("fetcher")
+
+EXIT_OK = 0
+EXIT_FAILED_JOBS = 1
+EXIT_USAGE = 2
+EXIT_OUTPUT = 3
+EXIT_PIPE = 141
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+#  Set by the CLI's early signal handler when a signal arrives before the loop is running.
+early_signal: list[signal.Signals] = []
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    jobs: str
+    output: str = "-"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    shard: tuple[int, int] | None = None
+
+
+def check_output(options: RunOptions) -> None:
+    """Refuse to clobber or silently extend an existing results file."""
+    if options.output == "-" or options.resume or options.overwrite:
+        return
+    try:
+        size = os.path.getsize(options.output)
+    except OSError:
+        return
+    if size > 0:
+        raise SetupError(
+            f"output {options.output} exists and is not empty: "
+            "pass --resume to finish it or --overwrite to replace it"
+        )
+
+
+async def _select(
+    source: JobSource, done: DoneIds | None, shard: tuple[int, int] | None
+) -> AsyncIterator[Item]:
+    async for item in source:
+        if shard is not None and (item.line - 1) % shard[1] != shard[0]:
+            continue
+        if done is not None and item.id in done:
+            continue
+        yield item
+
+
+async def build_handlers(
+    settings: Settings, stack: contextlib.AsyncExitStack
+) -> dict[str, Handler]:
+    """One handler per job kind, each closed when ``stack`` closes."""
+    return {"http": await stack.enter_async_context(HttpHandler(settings))}
+
+
+class Run:
+    """One ``fetcher run``. ``await Run(...).execute()`` returns the exit code."""
+
+    def __init__(self, settings: Settings, options: RunOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.stats = Stats()
+        self._signal: signal.Signals | None = None
+        self._output_error: OutputError | None = None
+        self._pool: Pool | None = None
+        self._writer: JsonlWriter | None = None
+        self._progress: Progress | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    async def execute(self) -> int:
+        opts = self.options
+        # Everything that can refuse the run happens before any network use.
+        parser = JobParser(smtp_profiles=self.settings.smtp.keys())
+        source = JobSource(opts.jobs, parser)
+        try:
+            check_output(opts)
+            done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
+            self._writer = JsonlWriter.open(
+                opts.output, append=opts.resume, fsync_interval=self.settings.fsync_interval
+            )
+        except BaseException:
+            source.close()
+            raise
+        if done is not None:
+            log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
+        if not self.settings.tls.verify:
+            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
+        bar = sys.stderr.isatty() if opts.progress is None else opts.progress
+        interval = self.settings.progress_interval if opts.progress is not False else None
+        self._progress = Progress(self.stats, bar=bar, log_interval=interval)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                handlers = await build_handlers(self.settings, stack)
+                self._pool = Pool(
+                    handlers=handlers,
+                    emit=self._emit,
+                    concurrency=self.settings.concurrency,
+                    policy=RetryPolicy(
+                        retries=self.settings.retries,
+                        backoff_base=self.settings.backoff_base,
+                        backoff_max=self.settings.backoff_max,
+                        retry_after_max=self.settings.retry_after_max,
+                    ),
+                )
+                if early_signal:
+                    self._on_signal(early_signal[0])
+                await self._pool.run(_select(source, done, opts.shard))
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            self._progress.close()
+            self._close_writer()
+            print(self.stats.summary(), file=sys.stderr, flush=True)
+        return self._exit_code()
+
+    def _emit(self, result: dict[str, Any]) -> None:
+        if self._output_error is not None:
+            return
+        assert self._writer is not None
+        try:
+            self._writer.write(result)
+        except OutputError as exc:
+            self._output_error = exc
+            assert self._pool is not None
+            self._pool.abort()
+            return
+        self.stats.record(result)
+        assert self._progress is not None
+        self._progress.tick()
+
+    def _close_writer(self) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.close()
+        except OutputError as exc:
+            self._output_error = self._output_error or exc
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        pool = self._pool
+        if pool is None:
+            early_signal[:] = [sig]
+            return
+        if self._signal is not None:
+            log.warning("second signal: stopping now")
+            pool.abort()
+            return
+        self._signal = sig
+        grace = self.settings.shutdown_grace
+        log.warning(
+            "%s: no new jobs; waiting up to %g s for %d in flight (signal again to stop now)",
+            sig.name,
+            grace,
+            pool.counters.in_flight,
+        )
+        pool.stop()
+        self._grace_timer = asyncio.get_running_loop().call_later(grace, pool.abort)
+
+    def _exit_code(self) -> int:
+        err = self._output_error
+        if isinstance(err, OutputClosed):
+            return EXIT_PIPE
+        if err is not None:
+            log.error("%s", err)
+            return EXIT_OUTPUT
+        if self._signal is not None:
+            log.warning("stopped by %s: rerun with --resume to finish", self._signal.name)
+            return EXIT_SIGNAL[self._signal]
+        return EXIT_OK if self.stats.failed == 0 else EXIT_FAILED_JOBS

@@ -1,0 +1,108 @@
+"""Run statistics: counts by outcome, a latency histogram, the summary and progress lines."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+import time
+from collections import Counter
+from typing import IO, Any
+
+# Latency buckets grow by 5% from 0.1 ms to ~30 min: percentiles within 5%, in constant memory.
+_BOUNDS = [0.1 * 1.05**i for i in range(int(math.log(18_000_000) / math.log(1.05)) + 1)]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.total = 0
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self._hist = [0] * (len(_BOUNDS) + 1)
+
+    def record(self, result: dict[str, Any]) -> None:
+        self.total += 1
+        error = result["error"]
+        if error is None:
+            self.ok += 1
+        else:
+            self.errors[error["type"]] += 1
+        if result["attempts"]:
+            self._hist[bisect.bisect_left(_BOUNDS, result["elapsed_ms"])] += 1
+
+    @property
+    def failed(self) -> int:
+        return self.total - self.ok
+
+    def percentile(self, q: float) -> float | None:
+        timed = sum(self._hist)
+        if not timed:
+            return None
+        rank = math.ceil(q * timed)
+        seen = 0
+        for i, n in enumerate(self._hist):
+            seen += n
+            if seen >= rank:
+                return _BOUNDS[min(i, len(_BOUNDS) - 1)]
+        return None  # pragma: no cover
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.total / elapsed if elapsed > 0 else 0.0
+
+    def progress_line(self) -> str:
+        return (
+            f"fetcher: {self.total} done, {self.ok} ok, {self.failed} failed, "
+            f"{self.rate():.0f} jobs/s"
+        )
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        parts = [
+            f"fetcher: {self.total} jobs in {elapsed:.2f} s ({self.rate():.0f} jobs/s)",
+            f"{self.ok} ok, {self.failed} failed",
+        ]
+        if self.errors:
+            by_type = ", ".join(f"{t} {n}" for t, n in sorted(self.errors.items()))
+            parts[-1] += f" ({by_type})"
+        lat = [self.percentile(q) for q in (0.5, 0.95, 0.99)]
+        if lat[0] is not None:
+            parts.append(
+                "latency p50 {} / p95 {} / p99 {} ms".format(
+                    *(f"{v:.1f}" for v in lat if v is not None)
+                )
+            )
+        return parts[0] + ": " + "; ".join(parts[1:])
+
+
+class Progress:
+    """A tqdm bar on a terminal, or a one-line log every ``interval`` seconds otherwise."""
+
+    def __init__(
+        self, stats: Stats, *, bar: bool, log_interval: float | None, stream: IO[str] = sys.stderr
+    ) -> None:
+        self._stats = stats
+        self._stream = stream
+        self._interval = log_interval
+        self._next_log = time.monotonic() + (log_interval or 0)
+        self._bar: Any = None
+        if bar:
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            self._bar = tqdm(file=stream, unit="job", dynamic_ncols=True, mininterval=0.2)
+
+    def tick(self) -> None:
+        """Called after each result; cheap unless a bar update or log line is due."""
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self._interval is not None:
+            now = time.monotonic()
+            if now >= self._next_log:
+                self._next_log = now + self._interval
+                print(self._stats.progress_line(), file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
