@@ -8,6 +8,7 @@ credentials come from ``${ENV}`` expansion and are hidden from ``repr``).
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -43,6 +44,17 @@ class NetworkSettings(BaseModel):
     block_private: bool = False
     deny_networks: tuple[str, ...] = ()
     allow_networks: tuple[str, ...] = ()
+
+    @field_validator("deny_networks", "allow_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # Checked here so that a typo stops the run at start-up (exit 2), not at the first job.
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a CIDR network") from None
+        return v
 
 
 class SmtpProfile(BaseModel):
