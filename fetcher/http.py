@@ -176,7 +176,9 @@ class HttpHandler:
                     json=job.json_body if job.has_json else None,
                     data=job.data,
                     allow_redirects=job.allow_redirects,
-                    max_redirects=self._max_redirects,
+                    # aiohttp raises on reaching its limit (and takes 0 as "no limit"):
+                    # one more lets exactly max_redirects redirects through.
+                    max_redirects=self._max_redirects + 1,
                 ) as resp:
                     return await self._read(job, resp)
         except asyncio.CancelledError:
@@ -230,6 +232,8 @@ class HttpHandler:
     ) -> Outcome:
         fields = _response_fields(job, resp) if resp is not None else _empty_fields(job)
         error, retryable, reached = classify(exc, timeout)
+        if isinstance(exc, aiohttp.TooManyRedirects):
+            fields["redirects"] = max(0, len(exc.history) - 1)  # the last one was not followed
         retry = retryable and self._may_retry(job, reached=reached)
         return Outcome(fields, error, retry=retry)
 

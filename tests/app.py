@@ -1,0 +1,298 @@
+"""A fault server for the HTTP tests: one aiohttp.web route per outcome fetcher must classify.
+
+Routes (all under http://127.0.0.1:PORT):
+
+    /ok                          200, a small text body
+    /status/{code}               that status, a short body and an ``X-Status`` header
+    /redirect/{n}                a chain of n redirects ending at /redirect/0 (200)
+    /loop                        redirects to itself forever
+    /to-file                     redirects to file:///etc/passwd
+    /flaky/{key}/{n}             429 until the n-th request with this key, then 200;
+                                 ``?ra=SECONDS`` or ``?date=SECONDS`` sets Retry-After
+                                 (delta-seconds, or an HTTP date that far ahead)
+    /count/{key}                 how many requests /flaky and /fail saw for ``key`` (JSON)
+    /fail/{key}/{status}         always that status, counting requests per key
+    /hang                        reads the request, never answers
+    /trickle                     headers at once, then one byte every ``?interval=`` seconds
+    /drop                        chunked body, connection closed mid-body
+    /cl-lie                      Content-Length 1000, sends 10 bytes and closes
+    /huge                        ``?size=`` bytes with Content-Length (``&chunked=1``: without)
+    /gzip                        a small gzip-encoded text body
+    /gzip-bomb                   a gzip body of ~20 KB that inflates to 20 MB
+    /echo                        method, headers, query and body of the request as JSON
+    /json                        a JSON body
+    /not-json                    text that is not JSON, served as application/json
+    /headers                     mixed-case and repeated response headers
+    /many-headers                ``?n=`` (200) response header fields, past the client's limit
+    /slow                        answers after ``?delay=`` seconds
+
+The app keeps per-key counters in ``app[COUNTS]`` so that tests using distinct keys never share
+state, whichever order they run in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+import time
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+
+COUNTS = web.AppKey("counts", dict)
+BOMB = web.AppKey("bomb", bytes)
+
+BOMB_INFLATED = 20 * 1024 * 1024
+GZIP_TEXT = b"hello, compressed world\n" * 100
+JSON_BODY = {"name": "fetcher", "items": [1, 2, 3], "nested": {"ok": True}}
+
+
+async def ok(request: web.Request) -> web.Response:
+    return web.Response(text="hello\n")
+
+
+async def status(request: web.Request) -> web.Response:
+    code = int(request.match_info["code"])
+    return web.Response(status=code, text=f"status {code}\n", headers={"X-Status": str(code)})
+
+
+async def redirect(request: web.Request) -> web.Response:
+    n = int(request.match_info["n"])
+    if n == 0:
+        return web.Response(text="end of the chain\n")
+    raise web.HTTPFound(f"/redirect/{n - 1}")
+
+
+async def loop(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/loop")
+
+
+async def to_file(request: web.Request) -> web.Response:
+    raise web.HTTPFound("file:///etc/passwd")
+
+
+def _count(request: web.Request) -> int:
+    counts: dict[str, int] = request.app[COUNTS]
+    key = request.match_info["key"]
+    counts[key] = counts.get(key, 0) + 1
+    return counts[key]
+
+
+async def flaky(request: web.Request) -> web.Response:
+    seen = _count(request)
+    if seen >= int(request.match_info["n"]):
+        return web.Response(text=f"ok after {seen}\n")
+    headers = {}
+    if "ra" in request.query:
+        headers["Retry-After"] = request.query["ra"]
+    elif "date" in request.query:
+        headers["Retry-After"] = formatdate(time.time() + float(request.query["date"]), usegmt=True)
+    return web.Response(status=429, text="slow down\n", headers=headers)
+
+
+async def fail(request: web.Request) -> web.Response:
+    _count(request)
+    return web.Response(status=int(request.match_info["status"]), text="failing\n")
+
+
+async def count(request: web.Request) -> web.Response:
+    return web.json_response({"count": request.app[COUNTS].get(request.match_info["key"], 0)})
+
+
+async def hang(request: web.Request) -> web.Response:
+    await request.read()
+    # The runner cancels this handler when the client goes away (handler_cancellation=True).
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def trickle(request: web.Request) -> web.StreamResponse:
+    interval = float(request.query.get("interval", "1"))
+    resp = web.StreamResponse()
+    resp.content_length = 100
+    await resp.prepare(request)
+    for _ in range(100):
+        await resp.write(b"x")
+        await asyncio.sleep(interval)
+    await resp.write_eof()
+    return resp
+
+
+def _cut(request: web.Request) -> None:
+    transport = request.transport
+    assert transport is not None
+    transport.close()
+
+
+async def drop(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    await resp.write(b"a" * 500)
+    await asyncio.sleep(0.05)
+    _cut(request)
+    return resp
+
+
+async def cl_lie(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.content_length = 1000
+    await resp.prepare(request)
+    await resp.write(b"b" * 10)
+    await asyncio.sleep(0.05)
+    _cut(request)
+    return resp
+
+
+async def huge(request: web.Request) -> web.StreamResponse:
+    size = int(request.query.get("size", str(5 * 1024 * 1024)))
+    resp = web.StreamResponse()
+    if "chunked" in request.query:
+        resp.enable_chunked_encoding()
+    else:
+        resp.content_length = size
+    await resp.prepare(request)
+    block = b"z" * 65536
+    sent = 0
+    try:
+        while sent < size:
+            piece = block[: size - sent]
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client stopped reading at max_bytes, as it should
+    return resp
+
+
+async def gzipped(request: web.Request) -> web.Response:
+    return web.Response(
+        body=gzip.compress(GZIP_TEXT),
+        headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"},
+    )
+
+
+async def gzip_bomb(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[BOMB],
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"},
+    )
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "params": {k: request.query.getall(k) for k in request.query},
+            "body": body.decode("utf-8", errors="replace"),
+        }
+    )
+
+
+async def json_body(request: web.Request) -> web.Response:
+    return web.json_response(JSON_BODY)
+
+
+async def not_json(request: web.Request) -> web.Response:
+    return web.Response(text="this is {not json", content_type="application/json")
+
+
+async def headers(request: web.Request) -> web.Response:
+    resp = web.Response(text="h\n")
+    resp.headers["X-Mixed-Case"] = "Value"
+    resp.headers.add("X-Repeated", "one")
+    resp.headers.add("X-Repeated", "two")
+    return resp
+
+
+async def many_headers(request: web.Request) -> web.Response:
+    resp = web.Response(text="h\n")
+    for i in range(int(request.query.get("n", "200"))):
+        resp.headers[f"X-Field-{i}"] = "v"
+    return resp
+
+
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("delay", "0.2")))
+    return web.Response(text="slow\n")
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app[COUNTS] = {}
+    app[BOMB] = gzip.compress(b"\0" * BOMB_INFLATED, compresslevel=9)
+    route = web.route
+    app.add_routes(
+        [
+            web.get("/ok", ok),
+            route("*", "/status/{code:\\d+}", status),
+            web.get("/redirect/{n:\\d+}", redirect),
+            web.get("/loop", loop),
+            web.get("/to-file", to_file),
+            route("*", "/flaky/{key}/{n:\\d+}", flaky),
+            route("*", "/fail/{key}/{status:\\d+}", fail),
+            web.get("/count/{key}", count),
+            route("*", "/hang", hang),
+            web.get("/trickle", trickle),
+            web.get("/drop", drop),
+            web.get("/cl-lie", cl_lie),
+            web.get("/huge", huge),
+            web.get("/gzip", gzipped),
+            web.get("/gzip-bomb", gzip_bomb),
+            route("*", "/echo", echo),
+            web.get("/json", json_body),
+            web.get("/not-json", not_json),
+            web.get("/headers", headers),
+            web.get("/many-headers", many_headers),
+            web.get("/slow", slow),
+        ]
+    )
+    return app
+
+
+class ServerThread:
+    """Serves ``make_app()`` on 127.0.0.1 from a thread with its own event loop.
+
+    Usable from sync tests (subprocesses) and from async tests on another loop alike.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-server")
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(
+            make_app(), handler_cancellation=True, shutdown_timeout=1, access_log=None
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server: Any = site._server
+        self.port = server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+
+    def count(self, key: str) -> int:
+        counts: dict[str, int] = self._runner.app[COUNTS] if self._runner else {}
+        return counts.get(key, 0)
