@@ -340,8 +340,10 @@ def classify(exc: BaseException, timeout: float) -> tuple[JobError, bool, bool]:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return JobError("protocol", "connection closed or body malformed mid-body"), True, True
     if isinstance(exc, aiohttp.ClientResponseError):
-        # The response parser reports malformed status lines and header limits this way.
-        return JobError("protocol", f"malformed response: {_clean(exc.message)}"), True, True
+        # The response parser reports malformed status lines and header limits this way; what
+        # follows ": b'" is the peer's own bytes, which have no place in a result line.
+        reason = str(exc.message).split(": b'", 1)[0].split(': b"', 1)[0]
+        return JobError("protocol", f"malformed response: {_clean(reason)}"), True, True
     if isinstance(exc, aiohttp.ClientOSError | OSError):
         return JobError("connect", f"connection failed: {_os_message(exc)}"), True, True
     if isinstance(exc, aiohttp.ClientError):
