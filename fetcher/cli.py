@@ -5,22 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .errors import FetcherError, OutputClosed, SetupError
+from .shutdown import install_early_handlers
 
 log = logging.getLogger("fetcher")
-
-
-def _early_handler(signum: int, frame: Any) -> None:
-    # A signal before the event loop is up: remember it, and the run stops as soon as it starts.
-    from . import runner
-
-    runner.early_signal[:] = [signal.Signals(signum)]
 
 
 def _positive_int(text: str) -> int:
@@ -76,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K/N",
         help="run only jobs whose 0-based position modulo N is K (K from $JOB_COMPLETION_INDEX)",
     )
+    _add_metrics_options(run)
 
     val = sub.add_parser("validate", help="check a job file without touching the network")
     val.add_argument("jobs", metavar="JOBS")
     val.add_argument("-c", "--config", metavar="PATH", help="YAML config file (SMTP profiles)")
+    _add_scaleout_parsers(sub)
     return parser
 
 
@@ -137,13 +132,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _early_handler)
+    install_early_handlers()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command in ("enqueue", "worker", "collect"):
+            return _scaleout(args)
         return _run(args)
     except SetupError as exc:
         print(f"fetcher: {exc}", file=sys.stderr)
@@ -187,7 +183,16 @@ def _run(args: argparse.Namespace) -> int:
     )
     import uvloop
 
-    code: int = uvloop.run(Run(settings, options).execute())
+    if args.metrics_port is None:
+        code: int = uvloop.run(Run(settings, options).execute())
+    else:
+        from .metrics import Metrics, run_with_metrics
+
+        metrics = Metrics()
+        run = Run(settings, options, observer=metrics)
+        code = uvloop.run(
+            run_with_metrics(metrics, args.metrics_host, args.metrics_port, run.execute)
+        )
     if code == 141:
         _silence_stdout()
     return code
@@ -216,3 +221,182 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"{where}:{item.line}: invalid_job: id {item.id!r} repeats line {first}")
     print(f"fetcher: {total} jobs, {bad} invalid", file=sys.stderr)
     return 0 if bad == 0 else 2
+
+
+# -- scale-out: enqueue, worker, collect (Redis Streams) ----------------------------------------
+
+
+def _add_metrics_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=_positive_int,
+        metavar="PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz on this port",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (127.0.0.1; 0.0.0.0 to be scraped from outside)",
+    )
+
+
+def _add_redis_option(p: argparse.ArgumentParser) -> None:
+    url = os.environ.get("FETCHER_REDIS")
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        default=url,
+        required=url is None,
+        help="redis://[:password@]host:port/db (default: $FETCHER_REDIS)",
+    )
+
+
+def _add_scaleout_parsers(sub: Any) -> None:
+    from .scaleout import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
+
+    enq = sub.add_parser("enqueue", help="validate a job file and add its jobs to a Redis stream")
+    enq.add_argument("jobs", metavar="JOBS", help="job file or -")
+    _add_redis_option(enq)
+    enq.add_argument("--stream", default=DEFAULT_STREAM, help=f"job stream ({DEFAULT_STREAM})")
+    enq.add_argument("-c", "--config", metavar="PATH", help="YAML config file (SMTP profiles)")
+
+    wrk = sub.add_parser("worker", help="run jobs from a Redis stream until stopped")
+    _add_redis_option(wrk)
+    wrk.add_argument("--stream", default=DEFAULT_STREAM, help=f"job stream ({DEFAULT_STREAM})")
+    wrk.add_argument("--group", default=DEFAULT_GROUP, help=f"consumer group ({DEFAULT_GROUP})")
+    wrk.add_argument("--consumer", help="consumer name (host name-pid)")
+    wrk.add_argument(
+        "--results-stream", default=DEFAULT_RESULTS, help=f"results stream ({DEFAULT_RESULTS})"
+    )
+    wrk.add_argument("--dead-stream", help="dead-letter stream (<stream>:dead)")
+    wrk.add_argument(
+        "--claim-idle",
+        type=float,
+        metavar="S",
+        help="claim entries other workers left idle this long "
+        "(default: a job's worst case, (retries+1)*timeout + retries*backoff_max + 10)",
+    )
+    wrk.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="dead-letter a job as abandoned after N deliveries (5)",
+    )
+    wrk.add_argument(
+        "-o", "--output", metavar="OUT", help="also append results to OUT (- for stdout)"
+    )
+    wrk.add_argument(
+        "--drain", action="store_true", help="exit 0 once the stream has no jobs left to run"
+    )
+    add_settings_options(wrk)
+    _add_metrics_options(wrk)
+
+    col = sub.add_parser("collect", help="write the results stream as JSON lines, each id once")
+    _add_redis_option(col)
+    col.add_argument(
+        "-o", "--output", default="-", metavar="OUT", help="results file (appended), - for stdout"
+    )
+    col.add_argument(
+        "--results-stream", default=DEFAULT_RESULTS, help=f"results stream ({DEFAULT_RESULTS})"
+    )
+    col.add_argument("--follow", action="store_true", help="keep waiting for new results")
+    col.add_argument(
+        "--trim", action="store_true", help="delete collected entries once they are on disk"
+    )
+
+
+def _scaleout(args: argparse.Namespace) -> int:
+    import uvloop
+
+    code: int
+    if args.command == "enqueue":
+        code = uvloop.run(_enqueue(args))
+    elif args.command == "worker":
+        code = _worker(args)
+    else:
+        code = uvloop.run(_collect(args))
+    if code == 141:
+        _silence_stdout()
+    return code
+
+
+async def _enqueue(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .scaleout import enqueue
+
+    settings = load_settings(args.config)
+    report = await enqueue(
+        args.jobs, url=args.redis, stream=args.stream, smtp_profiles=settings.smtp.keys()
+    )
+    print(
+        f"fetcher: {report.added} jobs added to {args.stream}, {report.invalid} invalid",
+        file=sys.stderr,
+    )
+    return 0 if report.invalid == 0 else 1
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import socket
+
+    import uvloop
+
+    from .config import load_settings
+    from .worker import Worker, WorkerOptions
+
+    settings = load_settings(args.config, settings_overrides(args))
+    if args.max_deliveries < 1:
+        raise SetupError("--max-deliveries must be at least 1")
+    if args.claim_idle is not None and args.claim_idle <= 0:
+        raise SetupError("--claim-idle must be more than 0")
+    options = WorkerOptions(
+        redis_url=args.redis,
+        consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
+        stream=args.stream,
+        group=args.group,
+        results_stream=args.results_stream,
+        dead_stream=args.dead_stream,
+        claim_idle=args.claim_idle,
+        max_deliveries=args.max_deliveries,
+        output=args.output,
+        drain=args.drain,
+    )
+    if args.metrics_port is None:
+        return int(uvloop.run(Worker(settings, options).execute()))
+    from .metrics import Metrics, run_with_metrics
+
+    metrics = Metrics(worker=True)
+    worker = Worker(settings, options, metrics=metrics)
+    return int(
+        uvloop.run(run_with_metrics(metrics, args.metrics_host, args.metrics_port, worker.execute))
+    )
+
+
+async def _collect(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .scaleout import Collector
+    from .shutdown import STOP_SIGNALS
+
+    collector = Collector(
+        url=args.redis,
+        results_stream=args.results_stream,
+        output=args.output,
+        follow=args.follow,
+        trim=args.trim,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, collector.stop)
+    try:
+        report = await collector.execute()
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    print(
+        f"fetcher: {report.written} results written, {report.duplicates} duplicates skipped"
+        + (f", {report.trimmed} entries trimmed" if args.trim else ""),
+        file=sys.stderr,
+    )
+    return 0

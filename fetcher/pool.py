@@ -115,19 +115,31 @@ class Pool:
         try:
             await self._feeder
         except asyncio.CancelledError:
-            if not self._feeder.cancelled():
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise  # run() itself was cancelled, not just the feeder by stop()
         finally:
             await self._close_queue()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _feed(self, jobs: AsyncIterable[Any]) -> None:
-        put = self._queue.put
+        queue = self._queue
+        put, put_nowait = queue.put, queue.put_nowait
+        # Whether a job type is a refused job (has to_result), looked up once per type:
+        # hasattr on a pydantic model that lacks the name is slow (a raised AttributeError).
+        refused: dict[type, bool] = {}
         async for job in jobs:
-            if hasattr(job, "to_result"):
+            cls = type(job)
+            is_refused = refused.get(cls)
+            if is_refused is None:
+                is_refused = refused[cls] = hasattr(cls, "to_result")
+            if is_refused:
                 self._emit(job.to_result())
             else:
-                await put(job)
+                try:
+                    put_nowait(job)
+                except asyncio.QueueFull:
+                    await put(job)
 
     async def _close_queue(self) -> None:
         for _ in self._workers:

@@ -14,8 +14,9 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from . import shutdown
 from .config import Settings
 from .errors import OutputClosed, OutputError, SetupError
 from .http import HttpHandler
@@ -35,9 +36,6 @@ EXIT_OUTPUT = 3
 EXIT_PIPE = 141
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-#  Set by the CLI's early signal handler when a signal arrives before the loop is running.
-early_signal: list[signal.Signals] = []
-
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
@@ -47,6 +45,14 @@ class RunOptions:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
     shard: tuple[int, int] | None = None
+
+
+class RunObserver(Protocol):
+    """Watches a run from outside (metrics): may wrap the handlers, sees every result."""
+
+    def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]: ...
+
+    def result(self, result: dict[str, Any]) -> None: ...
 
 
 def check_output(options: RunOptions) -> None:
@@ -79,15 +85,23 @@ async def build_handlers(
     settings: Settings, stack: contextlib.AsyncExitStack
 ) -> dict[str, Handler]:
     """One handler per job kind, each closed when ``stack`` closes."""
-    return {"http": await stack.enter_async_context(HttpHandler(settings))}
+    from .mail import MailHandler
+
+    return {
+        "http": await stack.enter_async_context(HttpHandler(settings)),
+        "mail": await stack.enter_async_context(MailHandler(settings)),
+    }
 
 
 class Run:
     """One ``fetcher run``. ``await Run(...).execute()`` returns the exit code."""
 
-    def __init__(self, settings: Settings, options: RunOptions) -> None:
+    def __init__(
+        self, settings: Settings, options: RunOptions, *, observer: RunObserver | None = None
+    ) -> None:
         self.settings = settings
         self.options = options
+        self.observer = observer
         self.stats = Stats()
         self._signal: signal.Signals | None = None
         self._output_error: OutputError | None = None
@@ -118,11 +132,13 @@ class Run:
         interval = self.settings.progress_interval if opts.progress is not False else None
         self._progress = Progress(self.stats, bar=bar, log_interval=interval)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in shutdown.STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 handlers = await build_handlers(self.settings, stack)
+                if self.observer is not None:
+                    handlers = self.observer.wrap(handlers)
                 self._pool = Pool(
                     handlers=handlers,
                     emit=self._emit,
@@ -134,11 +150,11 @@ class Run:
                         retry_after_max=self.settings.retry_after_max,
                     ),
                 )
-                if early_signal:
-                    self._on_signal(early_signal[0])
+                if shutdown.pending:
+                    self._on_signal(shutdown.pending[0])
                 await self._pool.run(_select(source, done, opts.shard))
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in shutdown.STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
@@ -159,6 +175,8 @@ class Run:
             self._pool.abort()
             return
         self.stats.record(result)
+        if self.observer is not None:
+            self.observer.result(result)
         assert self._progress is not None
         self._progress.tick()
 
@@ -173,7 +191,7 @@ class Run:
     def _on_signal(self, sig: signal.Signals) -> None:
         pool = self._pool
         if pool is None:
-            early_signal[:] = [sig]
+            shutdown.pending[:] = [sig]
             return
         if self._signal is not None:
             log.warning("second signal: stopping now")

@@ -90,16 +90,17 @@ class JsonlWriter:
             raise self._failed
         if not self._buf:
             return
-        data = memoryview(self._buf)
         written = 0
-        try:
-            while written < len(data):
-                written += os.write(self._fd, data[written:])
-        except OSError as exc:
-            self._failed = self._fail(exc, written)
-            raise self._failed from None
-        finally:
-            data.release()
+        error: OSError | None = None
+        with memoryview(self._buf) as data:
+            try:
+                while written < len(data):
+                    written += os.write(self._fd, data[written:])
+            except OSError as exc:
+                error = exc
+        if error is not None:
+            self._failed = self._fail(error, written)
+            raise self._failed
         self._size += written
         self._buf.clear()
         if self._fsync_interval and time.monotonic() - self._last_fsync >= self._fsync_interval:
@@ -129,9 +130,8 @@ class JsonlWriter:
             return
         self._closed = True
         try:
-            if self._failed is None:
-                self.flush()
-                self.fsync()
+            self.flush()  # raises a failure kept from an earlier timed flush
+            self.fsync()
         finally:
             if self._close_fd:
                 os.close(self._fd)
