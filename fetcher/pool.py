@@ -85,7 +85,7 @@ class Pool:
         self,
         *,
         handlers: Mapping[str, Handler],
-        emit: Callable[[Result], None],
+        emit: Callable[[Result], Awaitable[None] | None],
         concurrency: int,
         policy: RetryPolicy,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -134,7 +134,9 @@ class Pool:
             if is_refused is None:
                 is_refused = refused[cls] = hasattr(cls, "to_result")
             if is_refused:
-                self._emit(job.to_result())
+                pending = self._emit(job.to_result())
+                if pending is not None:
+                    await pending
             else:
                 try:
                     put_nowait(job)
@@ -162,7 +164,10 @@ class Pool:
         get = self._queue.get
         emit = self._emit
         while (job := await get()) is not None:
-            emit(await self.run_job(job))
+            # An emit that returns an awaitable (a bounded consumer) holds this worker back.
+            pending = emit(await self.run_job(job))
+            if pending is not None:
+                await pending
 
     async def run_job(self, job: Any) -> Result:
         """All attempts of one job, retries and backoff included; returns its result line."""

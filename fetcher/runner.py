@@ -7,27 +7,28 @@ run (resume, shard), and turns the way the run ended into an exit code.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from . import shutdown
+from .api import Runner, RunObserver, build_handlers
 from .config import Settings
 from .errors import OutputClosed, OutputError, SetupError
-from .http import HttpHandler
 from .jobs import JobParser
-from .pool import Handler, Pool, RetryPolicy
+from .pool import Pool
 from .resume import DoneIds, prepare_resume
 from .sink import JsonlWriter
 from .sources import Item, JobSource
 from .stats import Progress, Stats
 
 log = logging.getLogger("fetcher")
+
+__all__ = ["Run", "RunObserver", "RunOptions", "build_handlers"]
 
 EXIT_OK = 0
 EXIT_FAILED_JOBS = 1
@@ -45,14 +46,6 @@ class RunOptions:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
     shard: tuple[int, int] | None = None
-
-
-class RunObserver(Protocol):
-    """Watches a run from outside (metrics): may wrap the handlers, sees every result."""
-
-    def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]: ...
-
-    def result(self, result: dict[str, Any]) -> None: ...
 
 
 def check_output(options: RunOptions) -> None:
@@ -79,18 +72,6 @@ async def _select(
         if done is not None and item.id in done:
             continue
         yield item
-
-
-async def build_handlers(
-    settings: Settings, stack: contextlib.AsyncExitStack
-) -> dict[str, Handler]:
-    """One handler per job kind, each closed when ``stack`` closes."""
-    from .mail import MailHandler
-
-    return {
-        "http": await stack.enter_async_context(HttpHandler(settings)),
-        "mail": await stack.enter_async_context(MailHandler(settings)),
-    }
 
 
 class Run:
@@ -135,24 +116,11 @@ class Run:
         for sig in shutdown.STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                handlers = await build_handlers(self.settings, stack)
-                if self.observer is not None:
-                    handlers = self.observer.wrap(handlers)
-                self._pool = Pool(
-                    handlers=handlers,
-                    emit=self._emit,
-                    concurrency=self.settings.concurrency,
-                    policy=RetryPolicy(
-                        retries=self.settings.retries,
-                        backoff_base=self.settings.backoff_base,
-                        backoff_max=self.settings.backoff_max,
-                        retry_after_max=self.settings.retry_after_max,
-                    ),
-                )
+            async with Runner(self.settings, observer=self.observer) as runner:
+                self._pool = runner.pool(emit=self._emit)
                 if shutdown.pending:
                     self._on_signal(shutdown.pending[0])
-                await self._pool.run(_select(source, done, opts.shard))
+                await runner.execute(self._pool, _select(source, done, opts.shard))
         finally:
             for sig in shutdown.STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
@@ -175,8 +143,6 @@ class Run:
             self._pool.abort()
             return
         self.stats.record(result)
-        if self.observer is not None:
-            self.observer.result(result)
         assert self._progress is not None
         self._progress.tick()
 
