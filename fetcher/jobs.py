@@ -60,7 +60,8 @@ ParamValue = str | int | float | bool
 
 
 class _Job(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: a job file's types are exact ("retries": "3" is a wrong type, not 3).
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     id: str
     timeout: float | None = Field(None, gt=0)

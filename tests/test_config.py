@@ -1,0 +1,161 @@
+"""Settings: precedence flag > FETCHER_* environment > config file > default, and clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fetcher.config import Settings, load_settings
+from fetcher.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("FETCHER_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(*args: object, **kwargs: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(*args, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_defaults_match_the_spec() -> None:
+    s = load_settings()
+    assert s.concurrency == 100
+    assert s.per_host == 0
+    assert s.rate is None
+    assert s.timeout == 30
+    assert s.retries == 2
+    assert s.max_bytes == 10 * 1024 * 1024
+    assert s.shutdown_grace == 10
+    assert s.user_agent.startswith("fetcher/")
+    assert s.headers == {}
+    assert s.tls.verify is True
+    assert s.network.block_private is False
+    assert s.proxy is None and s.trust_env is False
+    assert set(s.smtp) == {"default"} and s.smtp["default"].port == 587
+
+
+def test_default_yaml_documents_exactly_the_defaults() -> None:
+    path = REPO / "configs" / "default.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert set(data) == set(Settings.model_fields)
+    assert load_settings(path) == load_settings()
+
+
+def test_precedence_flag_over_env_over_file_over_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write(tmp_path, "timeout: 11\nretries: 5\nconcurrency: 7\nper_host: 3\n")
+    monkeypatch.setenv("FETCHER_TIMEOUT", "12")
+    monkeypatch.setenv("FETCHER_RETRIES", "6")
+    s = load_settings(cfg, {"timeout": 13, "concurrency": None})
+    assert s.timeout == 13  # flag beats env and file
+    assert s.retries == 6  # env beats file
+    assert s.concurrency == 7  # an unset flag (None) does not hide the file
+    assert s.per_host == 3  # file beats default
+    assert s.max_bytes == 10 * 1024 * 1024  # default
+
+
+def test_env_names_are_case_insensitive_and_nested_with_double_underscore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("fetcher_max_bytes", "1234")
+    monkeypatch.setenv("FETCHER_TLS__VERIFY", "false")
+    s = load_settings()
+    assert s.max_bytes == 1234
+    assert s.tls.verify is False
+
+
+def test_nested_keys_merge_across_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write(tmp_path, "tls:\n  ca_bundle: /etc/extra.pem\n")
+    s = load_settings(cfg, {"tls": {"verify": False}})  # what --insecure passes
+    assert s.tls.verify is False
+    assert s.tls.ca_bundle == Path("/etc/extra.pem")
+
+
+def test_env_references_in_the_config_file_are_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROXY_PASSWORD", "pw")
+    cfg = write(tmp_path, 'proxy: "http://u:${PROXY_PASSWORD}@127.0.0.1:3128"\n')
+    s = load_settings(cfg)
+    assert s.proxy == "http://u:pw@127.0.0.1:3128"
+    assert "pw@" not in repr(s)  # the proxy (and its credentials) stay out of repr
+
+
+def test_missing_env_reference_in_config_is_one_line_error(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "headers:\n  Authorization: Bearer ${FETCHER_TEST_UNSET_TOKEN}\n")
+    msg = config_error(cfg)
+    assert "FETCHER_TEST_UNSET_TOKEN" in msg and "not set" in msg
+    assert "headers.Authorization" in msg
+
+
+def test_empty_config_file_is_the_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "")) == load_settings()
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "timeout: 3\nconcurency: 5\n"))
+    assert "concurency" in msg and "unknown key" in msg and "config.yaml" in msg
+
+
+def test_bad_value_in_file_names_key_and_file(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "tls:\n  verify: maybe\n"))
+    assert "tls.verify" in msg and "config.yaml" in msg
+
+
+def test_bad_flag_value_names_the_flag() -> None:
+    msg = config_error(None, {"max_bytes": -1})
+    assert "--max-bytes" in msg
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FETCHER_CONCURRENCY", "lots")
+    msg = config_error()
+    assert "FETCHER_CONCURRENCY" in msg and "concurrency" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("timeout: [1,\n", "line"),  # YAML syntax error: where it is
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("just a string\n", "expected a mapping"),
+    ],
+)
+def test_unreadable_config_is_one_line_error(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in config_error(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    msg = config_error(tmp_path / "nope.yaml")
+    assert "nope.yaml" in msg and "No such file" in msg
+
+
+def test_smtp_default_profile_is_kept_beside_others(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "smtp:\n  bulk:\n    host: mail.test\n    port: 2525\n"))
+    assert set(s.smtp) == {"default", "bulk"}
+    assert s.smtp["bulk"].port == 2525
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(ValueError):
+        s.timeout = 1  # type: ignore[misc]
