@@ -28,7 +28,14 @@ from .errors import ErrorType
 from .timeutil import utc_now_iso
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#  \Z, not $: "$" also matches before a trailing newline, which would let "GET\n" through.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#  Control characters other than HTAB have no place in a header value (RFC 9110 field-vchar).
+_BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#  Limits on one job's shape, so that nothing downstream (${NAME} expansion, validation, the
+#  JSON writer, whose own limit is 255 levels) ever meets a structure too deep or too big.
+MAX_JOB_DEPTH = 100
+MAX_JOB_NODES = 100_000
 #  Methods that change state on the server: never retried once the request may have reached it.
 UNSAFE_METHODS = frozenset({"POST", "PATCH"})
 
@@ -49,8 +56,8 @@ def _header_map(v: dict[str, str]) -> dict[str, str]:
     for name, value in v.items():
         if not _TOKEN.match(name):
             raise ValueError(f"header name {name!r} is not a valid token")
-        if "\r" in value or "\n" in value or "\x00" in value:
-            raise ValueError(f"header {name} must not contain CR, LF or NUL")
+        if _BAD_HEADER_VALUE.search(value):
+            raise ValueError(f"header {name} must not contain CR, LF, NUL or control characters")
     return v
 
 
@@ -251,6 +258,8 @@ class JobParser:
         """Validate one job object read at ``line``; never raises for bad input."""
         if not isinstance(obj, dict):
             return self.invalid(line, f"a job must be an object, got {_json_type(obj)}")
+        if (problem := _shape_problem(obj)) is not None:
+            return self.invalid(line, problem)
         raw_id = obj.get("id")
         id_ = raw_id if isinstance(raw_id, str) else str(line)
         kind = obj.get("kind")
@@ -299,6 +308,49 @@ class JobParser:
         elif job.smtp not in self._profiles:
             return self.invalid(line, f"smtp: unknown profile {job.smtp!r}", id=id_, kind=kind)
         return job
+
+
+def _shape_problem(obj: Any) -> str | None:
+    """Why ``obj`` is not plain JSON data of a sane size, or None.
+
+    Walked without recursion and stopped at the first problem, so a YAML alias bomb or a
+    self-referencing structure costs at most MAX_JOB_NODES steps.
+    """
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    seen = 1  # values pushed so far, counted before pushing so the stack stays small too
+    too_many = f"job has more than {MAX_JOB_NODES} values"
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JOB_DEPTH:
+            return f"job is nested more than {MAX_JOB_DEPTH} levels deep"
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode()
+                except UnicodeEncodeError:
+                    return "job holds a string that is not valid Unicode (a lone surrogate)"
+        elif isinstance(node, dict):
+            seen += 2 * len(node)
+            if seen > MAX_JOB_NODES:
+                return too_many
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    return f"job holds a mapping key of type {type(key).__name__}, not a string"
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            seen += len(node)
+            if seen > MAX_JOB_NODES:
+                return too_many
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, bool | float) or node is None:
+            pass
+        elif isinstance(node, int):
+            if not -(2**63) <= node < 2**64:
+                return "job holds an integer outside the 64-bit range"
+        else:
+            return f"job holds a value of type {type(node).__name__}, which JSON cannot hold"
+    return None
 
 
 def _json_type(obj: Any) -> str:

@@ -27,6 +27,9 @@ BATCH_LINES = 2048
 MAX_LINE_BYTES = 4 * 1024 * 1024
 #  YAML aliases let a few lines describe billions of nodes; a job file needs few of them.
 MAX_YAML_ALIASES = 1000
+#  ... and even a few aliases nest into billions ("billion laughs"): cap the document's size
+#  counted as if every alias were a copy.
+MAX_YAML_NODES = 1_000_000
 
 Item = HttpJob | MailJob | InvalidJob
 
@@ -68,6 +71,14 @@ class JobSource:
         self.format = job_format(path)
         self._parser = parser
         self._file = open_jobs(path)
+        self._yaml_items: list[Item] = []
+        if self.format == "yaml":
+            # Loaded now, so that a file that is not valid YAML stops the run before it starts
+            # (exit 2, one line), not after the output was opened.
+            try:
+                self._yaml_items = self._load_yaml()
+            finally:
+                self.close()
 
     def close(self) -> None:
         if self._file is not sys.stdin.buffer:
@@ -76,7 +87,7 @@ class JobSource:
     async def __aiter__(self) -> AsyncIterator[Item]:
         try:
             if self.format == "yaml":
-                for item in await asyncio.to_thread(self._load_yaml):
+                for item in self._yaml_items:
                     yield item
             else:
                 lines = _numbered_lines(self._file)
@@ -90,7 +101,7 @@ class JobSource:
         """Synchronous reading, for ``fetcher validate`` and other callers without a loop."""
         try:
             if self.format == "yaml":
-                yield from self._load_yaml()
+                yield from self._yaml_items
             else:
                 for lineno, raw in _numbered_lines(self._file):
                     yield self._parse_line(lineno, raw)
@@ -119,6 +130,8 @@ class JobSource:
             raise JobFileError(f"cannot read job file {self.path}: {exc}") from None
         except UnicodeDecodeError:
             raise JobFileError(f"job file {self.path}: not UTF-8 text") from None
+        except RecursionError:
+            raise JobFileError(f"job file {self.path}: nested too deeply") from None
         defaults: dict[str, Any] = {}
         if doc is None:
             jobs: list[Any] = []
@@ -200,3 +213,41 @@ class _BoundedSafeLoader(yaml.SafeLoader):
                     None, None, f"more than {MAX_YAML_ALIASES} aliases", event.start_mark
                 )
         return super().compose_node(parent, index)
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        problem = None if node is None else _expansion_problem(node)
+        if problem is not None:
+            raise yaml.composer.ComposerError(None, None, problem, None)
+        return node
+
+
+def _expansion_problem(root: yaml.Node) -> str | None:
+    """Why the node graph is too big once aliases are expanded, or recursive; else None.
+
+    Sizes are memoised per node, so this is linear in the nodes the parser actually built.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again means a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if finished:
+            open_nodes.discard(key)
+            size = 1 + sum(sizes[id(child)] for child in children)
+            if size > MAX_YAML_NODES:
+                return f"more than {MAX_YAML_NODES} values once aliases are expanded"
+            sizes[key] = size
+        elif key in open_nodes:
+            return "an alias refers to a node that contains it"
+        elif key not in sizes:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return None
