@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K/N",
         help="run only jobs whose 0-based position modulo N is K (K from $JOB_COMPLETION_INDEX)",
     )
+    run.add_argument(
+        "--processes", type=int, metavar="P", help="worker processes, one merged output (1)"
+    )
+    # Internal: how a --processes parent starts its children.
+    run.add_argument("--slice", type=_shard, help=argparse.SUPPRESS)
+    run.add_argument("--skip-done", metavar="OUT", help=argparse.SUPPRESS)
     _add_metrics_options(run)
 
     val = sub.add_parser("validate", help="check a job file without touching the network")
@@ -160,10 +166,18 @@ def _silence_stdout() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_settings
+    from .config import Settings, load_settings
     from .runner import Run, RunOptions
 
-    settings = load_settings(args.config, settings_overrides(args))
+    if args.slice is not None:
+        # A child of --processes: the parent already loaded and checked the settings.
+        from .multiproc import SETTINGS_ENV
+
+        settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    else:
+        overrides = settings_overrides(args)
+        overrides["processes"] = args.processes
+        settings = load_settings(args.config, overrides)
     shard = None
     if args.shard is not None:
         index, count = args.shard
@@ -180,11 +194,21 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=args.progress,
         shard=shard,
+        slice=args.slice,
+        skip_done=args.skip_done,
+        summary=args.slice is None,
     )
     import uvloop
 
-    if args.metrics_port is None:
-        code: int = uvloop.run(Run(settings, options).execute())
+    code: int
+    if settings.processes > 1:
+        from .multiproc import ParallelRun
+
+        if args.metrics_port is not None:
+            raise SetupError("--metrics-port is not available with --processes yet")
+        code = uvloop.run(ParallelRun(settings, options).execute())
+    elif args.metrics_port is None:
+        code = uvloop.run(Run(settings, options).execute())
     else:
         from .metrics import Metrics, run_with_metrics
 

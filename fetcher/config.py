@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     )
 
     concurrency: int = Field(100, ge=1, le=100_000)
+    processes: int = Field(1, ge=1, le=256)
     per_host: int = Field(0, ge=0)
     rate: float | None = Field(None, gt=0)
     timeout: float = Field(30, gt=0)

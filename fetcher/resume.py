@@ -54,6 +54,14 @@ def prepare_resume(path: str) -> DoneIds:
         raise OutputError(f"cannot read {path} to resume: {exc.strerror}") from None
     try:
         _truncate_torn_tail(path, size)
+    except OSError as exc:
+        raise OutputError(f"cannot read {path} to resume: {exc.strerror}") from None
+    return read_done(path)
+
+
+def read_done(path: str) -> DoneIds:
+    """The ids of the complete result lines in ``path``; the file is not changed."""
+    try:
         hashes = []
         for line in _lines(path):
             try:

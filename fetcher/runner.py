@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from .config import Settings
 from .errors import OutputClosed, OutputError, SetupError
 from .jobs import JobParser
 from .pool import Pool
-from .resume import DoneIds, prepare_resume
+from .resume import DoneIds, prepare_resume, read_done
 from .sink import JsonlWriter
 from .sources import Item, JobSource
 from .stats import Progress, Stats
@@ -46,6 +46,28 @@ class RunOptions:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
     shard: tuple[int, int] | None = None
+    #  Set for the child processes of --processes: which slice of the (sharded) jobs is theirs,
+    #  and the results file whose ids they skip (the parent owns and appends to it).
+    slice: tuple[int, int] | None = None
+    skip_done: str | None = None
+    summary: bool = True
+
+
+def line_selector(
+    shard: tuple[int, int] | None, slice: tuple[int, int] | None
+) -> Callable[[int], bool] | None:
+    """Which 1-based input lines a process runs: position modulo N is K for ``--shard K/N``,
+    and of those every P-th for slice ``k/P``."""
+    if shard is None and slice is None:
+        return None
+    k_shard, n_shard = shard or (0, 1)
+    k_slice, n_slice = slice or (0, 1)
+
+    def select(line: int) -> bool:
+        position, rest = divmod(line - 1, n_shard)
+        return rest == k_shard and position % n_slice == k_slice
+
+    return select
 
 
 def check_output(options: RunOptions) -> None:
@@ -63,15 +85,14 @@ def check_output(options: RunOptions) -> None:
         )
 
 
-async def _select(
-    source: JobSource, done: DoneIds | None, shard: tuple[int, int] | None
-) -> AsyncIterator[Item]:
+async def _skip_done(source: JobSource, done: DoneIds | None) -> AsyncIterator[Item]:
+    if done is None:
+        async for item in source:
+            yield item
+        return
     async for item in source:
-        if shard is not None and (item.line - 1) % shard[1] != shard[0]:
-            continue
-        if done is not None and item.id in done:
-            continue
-        yield item
+        if item.id not in done:
+            yield item
 
 
 class Run:
@@ -95,10 +116,12 @@ class Run:
         opts = self.options
         # Everything that can refuse the run happens before any network use.
         parser = JobParser(smtp_profiles=self.settings.smtp.keys())
-        source = JobSource(opts.jobs, parser)
+        source = JobSource(opts.jobs, parser, select=line_selector(opts.shard, opts.slice))
         try:
             check_output(opts)
             done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
+            if opts.skip_done is not None:
+                done = read_done(opts.skip_done)
             self._writer = JsonlWriter.open(
                 opts.output, append=opts.resume, fsync_interval=self.settings.fsync_interval
             )
@@ -120,7 +143,7 @@ class Run:
                 self._pool = runner.pool(emit=self._emit)
                 if shutdown.pending:
                     self._on_signal(shutdown.pending[0])
-                await runner.execute(self._pool, _select(source, done, opts.shard))
+                await runner.execute(self._pool, _skip_done(source, done))
         finally:
             for sig in shutdown.STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
@@ -128,7 +151,8 @@ class Run:
                 self._grace_timer.cancel()
             self._progress.close()
             self._close_writer()
-            print(self.stats.summary(), file=sys.stderr, flush=True)
+            if opts.summary:
+                print(self.stats.summary(), file=sys.stderr, flush=True)
         return self._exit_code()
 
     def _emit(self, result: dict[str, Any]) -> None:

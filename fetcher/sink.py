@@ -76,6 +76,17 @@ class JsonlWriter:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._timed_flush)
 
+    def write_raw(self, lines: bytes) -> None:
+        """Queue result lines already encoded (whole lines, each ending in a newline)."""
+        if self._failed is not None:
+            raise self._failed
+        self._buf += lines
+        self.lines += lines.count(b"\n")
+        if len(self._buf) >= BUFFER_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._timed_flush)
+
     def _timed_flush(self) -> None:
         self._timer = None
         # A failure is kept in self._failed; the next write() raises it in the pool's path.

@@ -12,7 +12,7 @@ import asyncio
 import gzip
 import io
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, BinaryIO
 
 import orjson
@@ -66,10 +66,14 @@ def open_jobs(path: str) -> BinaryIO:
 class JobSource:
     """Reads a job file and yields validated jobs (or InvalidJob) with their line numbers."""
 
-    def __init__(self, path: str, parser: JobParser) -> None:
+    def __init__(
+        self, path: str, parser: JobParser, *, select: Callable[[int], bool] | None = None
+    ) -> None:
         self.path = path
         self.format = job_format(path)
         self._parser = parser
+        #  Which lines (1-based) to read at all: shards and process slices skip the rest unparsed.
+        self._select = select
         self._file = open_jobs(path)
         self._yaml_items: list[Item] = []
         if self.format == "yaml":
@@ -86,14 +90,17 @@ class JobSource:
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         try:
+            select = self._select
             if self.format == "yaml":
                 for item in self._yaml_items:
-                    yield item
+                    if select is None or select(item.line):
+                        yield item
             else:
                 lines = _numbered_lines(self._file)
                 while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
                     for lineno, raw in batch:
-                        yield self._parse_line(lineno, raw)
+                        if select is None or select(lineno):
+                            yield self._parse_line(lineno, raw)
         finally:
             self.close()
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,81 +15,16 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp import web
+
+from tests.slow_peer import SlowServer, read_results, write_jobs
 
 FETCHER = [sys.executable, "-m", "fetcher"]
-
-
-class SlowServer:
-    """An aiohttp app on 127.0.0.1:0 in a thread: /slow?ms=N answers after N ms."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self.in_flight: Counter[str] = Counter()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    async def _slow(self, request: web.Request) -> web.Response:
-        tag = request.query.get("tag", "")
-        self.in_flight[tag] += 1
-        try:
-            await asyncio.sleep(int(request.query.get("ms", "0")) / 1000)
-        finally:
-            self.in_flight[tag] -= 1
-        return web.Response(text="ok")
-
-    def wait_in_flight(self, tag: str, n: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while self.in_flight[tag] < n:
-            assert time.monotonic() < deadline, f"fewer than {n} requests in flight"
-            time.sleep(0.01)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/slow", self._slow)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        self.loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self._runner.cleanup())
-        self.loop.close()
-
-    def __enter__(self) -> SlowServer:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[SlowServer]:
     with SlowServer() as server:
         yield server
-
-
-def write_jobs(path: Path, port: int, n: int, ms: int) -> set[str]:
-    """Jobs tagged with their directory's name, so the server can count each test's requests."""
-    tag = path.parent.name
-    with path.open("w") as f:
-        for i in range(n):
-            url = f"http://127.0.0.1:{port}/slow?ms={ms}&tag={tag}&i={i}"
-            f.write(f'{{"id": "j{i}", "url": "{url}"}}\n')
-    return {f"j{i}" for i in range(n)}
-
-
-def read_results(path: Path) -> list[dict[str, object]]:
-    """Every line must be a whole JSON object."""
-    data = path.read_bytes()
-    assert not data or data.endswith(b"\n"), "output ends in a torn line"
-    return [orjson.loads(line) for line in data.splitlines()]
 
 
 def start(*args: str | Path, **kw: object) -> subprocess.Popen[bytes]:

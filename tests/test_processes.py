@@ -1,0 +1,147 @@
+"""`fetcher run --processes P`: one merged output with the single-process guarantees."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fetcher.runner import line_selector
+from tests.slow_peer import SlowServer, read_results, write_jobs
+
+FETCHER = [sys.executable, "-m", "fetcher"]
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[SlowServer]:
+    with SlowServer() as server:
+        yield server
+
+
+def test_slices_and_shards_partition_the_input() -> None:
+    lines = range(1, 1001)
+    for shard in (None, (1, 3)):
+        wanted = [n for n in lines if shard is None or (n - 1) % shard[1] == shard[0]]
+        taken: list[int] = []
+        for k in range(4):
+            select = line_selector(shard, (k, 4))
+            assert select is not None
+            taken += [n for n in lines if select(n)]
+        assert sorted(taken) == wanted  # each line exactly once, in exactly one slice
+
+
+def test_processes_write_every_job_exactly_once(slow_server: SlowServer, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    ids = write_jobs(jobs, slow_server.port, 1000, ms=0)
+    with jobs.open("a") as f:
+        f.write("not json\n")  # line 1001: reported once, by the process whose slice it is in
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [
+            *FETCHER,
+            "run",
+            str(jobs),
+            "-o",
+            str(out),
+            "--processes",
+            "3",
+            "-n",
+            "20",
+            "--no-progress",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr  # one invalid job
+    results = read_results(out)
+    counts = Counter(r["id"] for r in results)
+    assert set(counts) == ids | {"1001"}
+    assert max(counts.values()) == 1
+    assert sum(r["ok"] for r in results) == 1000
+    # One summary, aggregated over the processes.
+    assert done.stderr.count(b"jobs in") == 1
+    assert b"1001 jobs in" in done.stderr
+
+
+def test_stdin_is_refused_with_processes(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*FETCHER, "run", "-", "--processes", "2"], input=b"", capture_output=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert b"--processes needs a job file" in done.stderr
+
+
+def test_sigterm_drains_all_processes_and_resume_finishes(
+    slow_server: SlowServer, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    ids = write_jobs(jobs, slow_server.port, 800, ms=100)
+    out = tmp_path / "out.jsonl"
+    args = [
+        *FETCHER,
+        "run",
+        str(jobs),
+        "-o",
+        str(out),
+        "--processes",
+        "2",
+        "-n",
+        "20",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    slow_server.wait_in_flight(tmp_path.name, 30)  # both processes are fetching
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert b"Traceback" not in err
+    first = read_results(out)
+    assert 0 < len(first) < len(ids)
+    assert all(r["ok"] for r in first)  # drained, not cut short
+
+    done = subprocess.run([*args, "--resume"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    counts = Counter(r["id"] for r in read_results(out))
+    assert set(counts) == ids
+    assert max(counts.values()) == 1
+
+
+def test_parent_killed_children_do_not_outlive_their_pipe(
+    slow_server: SlowServer, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    write_jobs(jobs, slow_server.port, 400, ms=50)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [
+            *FETCHER,
+            "run",
+            str(jobs),
+            "-o",
+            str(out),
+            "--processes",
+            "2",
+            "-n",
+            "10",
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    slow_server.wait_in_flight(tmp_path.name, 10)
+    proc.kill()
+    proc.wait(10)
+    # With the parent gone, a child's next write hits a closed pipe and it ends.
+    deadline = time.monotonic() + 15
+    while slow_server.in_flight[tmp_path.name] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    before = slow_server.requests[tmp_path.name]
+    time.sleep(0.5)
+    assert slow_server.requests[tmp_path.name] == before, "children still fetching"
