@@ -143,6 +143,54 @@ class MailJob(_Job):
             raise ValueError("needs at least one recipient in 'to', 'cc' or 'bcc'")
         return self
 
+    @model_validator(mode="after")
+    def _check_addresses(self) -> MailJob:
+        # Checked here, not when sending, so that `fetcher validate` catches them.
+        groups = (("from", [self.sender]), ("to", self.to), ("cc", self.cc), ("bcc", self.bcc))
+        for field, values in groups:
+            for value in values:
+                reason = MailJob.address_problem(value)
+                if reason:
+                    raise ValueError(f"{field}: {value!r} {reason}")
+        # The message builder writes these from the job's own fields. Message-ID is allowed:
+        # a job may fix its own so that receivers can drop a duplicate.
+        reserved = {"from", "to", "cc", "bcc", "subject", "date", "mime-version"}
+        reserved |= {"content-type", "content-transfer-encoding"}
+        for name, value in self.headers.items():
+            if name.lower() in reserved:
+                raise ValueError(f"headers: {name} is set from the job's own fields")
+            if name.lower() == "message-id" and not (
+                value.startswith("<") and value.endswith(">") and "@" in value
+            ):
+                raise ValueError("headers: Message-ID must look like <id@domain>")
+        return self
+
+    @staticmethod
+    def address_problem(value: str) -> str:
+        """Why ``value`` is not one usable mail address (``Name <a@b>`` or ``a@b``); "" if it is."""
+        from email.policy import default
+
+        try:
+            header = default.header_factory("to", value)
+            addresses = header.addresses
+        except Exception:  # noqa: BLE001 - the stdlib parser raises assorted errors on odd input
+            return "is not a mail address"
+        if len(addresses) != 1:
+            return "must be exactly one address (give a list for several)"
+        if header.defects or not addresses[0].username or not addresses[0].domain:
+            return "is not a mail address"
+        if not addresses[0].addr_spec.isascii():
+            return "has a non-ASCII address part (only the display name may be non-ASCII)"
+        return ""
+
+    @staticmethod
+    def addr_spec(value: str) -> str:
+        """The bare ``local@domain`` of a validated address, as the SMTP envelope needs it."""
+        from email.policy import default
+
+        addr: str = default.header_factory("to", value).addresses[0].addr_spec
+        return addr
+
 
 Job = HttpJob | MailJob
 
