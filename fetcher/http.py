@@ -193,7 +193,14 @@ class HttpHandler:
         fields = _response_fields(job, resp)
         length = resp.content_length
         # Content-Length is the size on the wire; only without an encoding is it the body's size.
-        if length is not None and length > max_bytes and "Content-Encoding" not in resp.headers:
+        # A HEAD response (and a 204 or 304) has no body, whatever its Content-Length says.
+        if (
+            length is not None
+            and length > max_bytes
+            and "Content-Encoding" not in resp.headers
+            and job.method != "HEAD"
+            and resp.status not in (204, 304)
+        ):
             resp.close()
             return _too_large(fields, max_bytes)
         digest = hashlib.sha256()

@@ -332,6 +332,13 @@ async def test_job_max_bytes_overrides_settings(base_url: str) -> None:
     assert error_type(out) == "too_large"
 
 
+async def test_head_is_not_too_large_for_the_length_it_announces(base_url: str) -> None:
+    out = await fetch(f"{base_url}/huge?size=5000000", {"max_bytes": 100_000}, method="HEAD")
+    assert out.ok, out.error
+    assert out.fields["headers"]["content-length"] == "5000000"
+    assert out.fields["bytes"] == 0
+
+
 async def test_gzip_bomb_is_too_large_after_decompression(base_url: str) -> None:
     max_bytes = 1_000_000
     out = await fetch(f"{base_url}/gzip-bomb", {"max_bytes": max_bytes})
