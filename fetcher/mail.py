@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
+import re
 import socket
 import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, make_msgid
@@ -43,9 +46,28 @@ from .ratelimit import KeyedRate
 
 log = logging.getLogger("fetcher")
 
+
+class _HeaderRegistry(HeaderRegistry):
+    """The stdlib registry builds a new header class on every lookup (a third of the cost of
+    building a message); the classes depend only on the header name, so keep them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[Any]] = {}
+
+    def __getitem__(self, name: str) -> type[Any]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
 #  email.policy.default with CRLF line ends, as SMTP wants them. cte_type 7bit makes non-ASCII
 #  bodies quoted-printable or base64, so no server needs 8BITMIME to carry them intact.
-POLICY = SMTP_POLICY.clone(cte_type="7bit")
+POLICY = SMTP_POLICY.clone(cte_type="7bit", header_factory=_HeaderRegistry())
+#  A bare local@domain, the common case: its envelope form is itself, no parsing needed.
+_BARE_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 #  Longest wait for a courtesy QUIT: a server that does not answer it is simply dropped.
 QUIT_TIMEOUT = 2.0
 SERVICE_CLOSING = 421
@@ -451,7 +473,7 @@ def build_message(job: MailJob) -> tuple[str, bytes, str, list[str]]:
 
     Bcc recipients are in the envelope only, never in a header.
     """
-    sender = MailJob.addr_spec(job.sender)
+    sender = _addr_spec(job.sender)
     msg = EmailMessage(policy=POLICY)
     msg["From"] = job.sender
     if job.to:
@@ -477,11 +499,17 @@ def build_message(job: MailJob) -> tuple[str, bytes, str, list[str]]:
     rcpts: list[str] = []
     seen: set[str] = set()
     for addr in (*job.to, *job.cc, *job.bcc):
-        spec = MailJob.addr_spec(addr)
+        spec = _addr_spec(addr)
         if spec.lower() not in seen:
             seen.add(spec.lower())
             rcpts.append(spec)
     return message_id, msg.as_bytes(), sender, rcpts
+
+
+@functools.lru_cache(maxsize=1024)
+def _addr_spec(value: str) -> str:
+    # Cached: a run sends from the same few addresses again and again.
+    return value if _BARE_ADDRESS.fullmatch(value) else MailJob.addr_spec(value)
 
 
 def _outcome(
