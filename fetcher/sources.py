@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import io
 import sys
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -96,7 +97,7 @@ class JobSource:
                     if select is None or select(item.line):
                         yield item
             else:
-                lines = _numbered_lines(self._file)
+                lines = self._lines()
                 while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
                     for lineno, raw in batch:
                         if select is None or select(lineno):
@@ -110,10 +111,19 @@ class JobSource:
             if self.format == "yaml":
                 yield from self._yaml_items
             else:
-                for lineno, raw in _numbered_lines(self._file):
+                for lineno, raw in self._lines():
                     yield self._parse_line(lineno, raw)
         finally:
             self.close()
+
+    def _lines(self) -> Iterator[tuple[int, bytes | None]]:
+        # A file can fail part way (a truncated .gz, an I/O error): stop the run with the
+        # reason rather than end it early as if the file were complete.
+        try:
+            yield from _numbered_lines(self._file)
+        except (OSError, EOFError, zlib.error) as exc:
+            reason = getattr(exc, "strerror", None) or _first_line(str(exc))
+            raise JobFileError(f"cannot read job file {self.path}: {reason}") from None
 
     def _parse_line(self, lineno: int, raw: bytes | None) -> Item:
         if raw is None:

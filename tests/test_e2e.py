@@ -388,6 +388,30 @@ def test_unreadable_job_file_exits_2(tmp_path: Path, name: str) -> None:
     assert not out.exists() or out.stat().st_size == 0
 
 
+def test_job_file_that_fails_part_way_exits_2_with_one_line(tmp_path: Path) -> None:
+    data = b"".join(b'{"url": "ftp://files.test/%d"}\n' % i for i in range(50_000))
+    packed = gzip.compress(data)
+    jobs = tmp_path / "cut.jsonl.gz"
+    jobs.write_bytes(packed[: len(packed) // 2])
+    proc = fetcher("run", jobs, "-o", tmp_path / "out.jsonl")
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "Traceback" not in err
+    assert "cannot read job file" in err and "cut.jsonl.gz" in err
+    # What was read before the damage has whole result lines; a rerun with --resume goes on.
+    json_lines((tmp_path / "out.jsonl").read_bytes())
+
+
+def test_invalid_yaml_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("- url: http://a.test/\n- a: b: c\n")
+    out = tmp_path / "out.jsonl"
+    proc = fetcher("run", jobs, "-o", out)
+    assert proc.returncode == 2
+    assert "line 2" in proc.stderr.decode()
+    assert not out.exists()
+
+
 def test_flag_beats_env_beats_config_file(server: ServerThread, key: str, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("retries: 0\nbackoff_base: 0.001\n")

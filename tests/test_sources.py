@@ -128,6 +128,25 @@ def test_file_that_is_not_gzip_fails_at_open(tmp_path: Path) -> None:
         JobSource(str(path), JobParser())
 
 
+def truncated_gzip(path: Path, lines: int) -> Path:
+    data = b"".join(b'{"url": "http://a.test/%d"}\n' % i for i in range(lines))
+    packed = gzip.compress(data)
+    path.write_bytes(packed[: len(packed) // 2])
+    return path
+
+
+def test_truncated_gzip_is_job_file_error_not_a_short_run(tmp_path: Path) -> None:
+    path = truncated_gzip(tmp_path / "jobs.jsonl.gz", 50_000)
+    with pytest.raises(JobFileError, match="ended before"):
+        read(path)
+
+
+async def test_truncated_gzip_fails_the_async_reader_too(tmp_path: Path) -> None:
+    path = truncated_gzip(tmp_path / "jobs.jsonl.gz", 50_000)
+    with pytest.raises(JobFileError, match=r"cannot read job file .*jobs\.jsonl\.gz"):
+        await read_async(path)
+
+
 def test_stdin_is_jsonl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(MIXED_JSONL)))
     items = read("-")
