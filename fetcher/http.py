@@ -149,6 +149,12 @@ class HttpHandler:
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
             trust_env=s.trust_env,
             proxy=s.proxy,
+            # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
+            middlewares=(
+                (self.policy.proxied_destination_check(s.resolve),)
+                if s.proxy or s.trust_env
+                else ()
+            ),
         )
         return self
 
@@ -159,6 +165,12 @@ class HttpHandler:
 
     async def attempt(self, job: HttpJob) -> Outcome:
         url = job.target
+        if url.user is not None and any(
+            name.lower() == "authorization" for name in (*job.headers, *self._settings.headers)
+        ):
+            # An explicit Authorization header wins over credentials in the URL, as in curl
+            # (aiohttp refuses the two together with a ValueError).
+            url = url.with_user(None)
         host = url.host or ""
         await self._rate.acquire(host)
         await self._slots.acquire(host)
@@ -302,6 +314,8 @@ def classify(exc: BaseException, timeout: float) -> tuple[JobError, bool, bool]:
     """(error, retryable, may have reached the server) for an exception of one attempt."""
     if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
         return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
+    if isinstance(exc, OSError) and is_blocked_error(exc):  # from the proxied-destination check
+        return JobError("blocked", _os_message(exc)), False, False
     if isinstance(exc, aiohttp.ClientConnectorError):
         where = f"{exc.host}:{exc.port}"
         os_error = exc.os_error

@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, ClientResponse
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -100,6 +102,30 @@ class NetworkPolicy:
         if reason is not None:
             raise BlockedAddress(sockaddr[0], reason)
         return socket.socket(family=family, type=type_, proto=proto)
+
+    def proxied_destination_check(self, pinned: Mapping[str, str]) -> ClientMiddlewareType:
+        """A client middleware that checks each request's own host, for runs through a proxy.
+
+        Through a proxy the only socket this process opens goes to the proxy, so the socket
+        factory sees the proxy's address, never the destination's. This middleware runs for
+        every redirect hop and refuses destinations it can judge locally: IP literals and
+        pinned names. Other names are resolved by the proxy, out of this process's sight.
+        """
+        pins = {k.lower().rstrip("."): v for k, v in pinned.items()}
+
+        async def check(req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+            host = (req.url.host or "").lower().rstrip(".")
+            address = pins.get(host, host.strip("[]"))
+            try:
+                ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return await handler(req)  # a name: the proxy resolves it
+            reason = self.refusal(address)
+            if reason is not None:
+                raise BlockedAddress(address, reason)
+            return await handler(req)
+
+        return check
 
 
 def is_blocked_error(exc: BaseException) -> bool:

@@ -7,11 +7,14 @@ Everything binds to 127.0.0.0/8 or ::1 on port 0; nothing here resolves a real n
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +166,9 @@ async def forward_proxy(
     """
     seen = Seen()
     expected = (
-        aiohttp.BasicAuth(username, password or "").encode() if username is not None else None
+        "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+        if username is not None
+        else None
     )
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -187,7 +192,11 @@ async def forward_proxy(
             return web.Response(
                 status=upstream.status,
                 body=body,
-                headers={"X-Via-Test-Proxy": "1", "Content-Type": upstream.content_type},
+                headers={
+                    "X-Via-Test-Proxy": "1",
+                    "Content-Type": upstream.content_type,
+                    **({"Location": loc} if (loc := upstream.headers.get("Location")) else {}),
+                },
             )
 
     app = web.Application()
@@ -273,3 +282,48 @@ def write_jobs(path: Path, jobs: list[dict[str, Any]]) -> Path:
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@contextmanager
+def blocking_tls_server(ctx: ssl.SSLContext) -> Iterator[Peer]:
+    """A TLS server on a thread, using the blocking ssl module.
+
+    asyncio's server side closes without sending the TLS alert when a handshake fails, so a
+    client would see a bare reset; a blocking socket sends the alert, as real servers do.
+    """
+    seen = Seen()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    seen.requests.append({"raw": tls.recv(65536)})
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    try:
+        yield Peer(url=f"https://127.0.0.1:{port}", port=port, seen=seen)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
