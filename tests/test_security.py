@@ -448,3 +448,18 @@ async def test_proxied_redirect_hop_to_denied_literal_is_blocked() -> None:
         r = await run_one(pinned, {"id": "pin", "url": f"http://inside.test:{denied.port}/"})
         assert r["error"]["type"] == "blocked", r
         assert len(proxy.seen) == 1
+
+
+async def test_config_credentials_are_dropped_across_origins() -> None:
+    async with recording_server() as a, recording_server(host="127.0.0.2") as b:
+        s = settings(
+            headers={"Authorization": "Bearer cfg", "Cookie": "c=1", "Proxy-Authorization": "p"}
+        )
+        r = await run_one(s, {"id": "x", "url": f"{a.url}/redirect?to={b.url}/echo"})
+        assert r["ok"], r
+        assert a.seen.requests[0]["headers"]["Authorization"] == "Bearer cfg"
+        for name in ("Authorization", "Cookie", "Proxy-Authorization"):
+            assert name not in b.seen.requests[0]["headers"]
+        # Same origin keeps them.
+        r = await run_one(s, {"id": "y", "url": f"{a.url}/redirect?to={a.url}/echo"})
+        assert a.seen.requests[-1]["headers"]["Authorization"] == "Bearer cfg"
