@@ -246,7 +246,8 @@ def _describe(exc: ValidationError) -> str:
         msg = "required field is missing"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    return f"{loc}: {msg}" if loc else msg
+    # A field name is the job file's text: keep control characters out of the one-line message.
+    return _CONTROL.sub("?", f"{loc}: {msg}" if loc else msg)
 
 
 def _expand(node: Any, environ: Mapping[str, str]) -> Any:

@@ -374,3 +374,18 @@ async def test_hostile_jsonl_run_has_one_result_per_line(tmp_path: Path) -> None
     )
     assert len(results) == len(lines)
     assert b"Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        {"url": "http://h.test/", "params": {"\n": None}},
+        {"url": "http://h.test/", "headers": {"a\r\nb": 1}},
+        {"url": "http://h.test/", "meta": {"\x00": 1}, "x\ny": 1},
+    ],
+)
+def test_messages_stay_on_one_line(job: dict[str, Any]) -> None:
+    """Field names come from the job file: they must not break the one-line message."""
+    item = JobParser(environ=ENV).parse(job, 3)
+    assert isinstance(item, InvalidJob)
+    check_item(item, 3)
