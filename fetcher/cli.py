@@ -251,15 +251,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _add_metrics_options(p: argparse.ArgumentParser) -> None:
+    port = os.environ.get("FETCHER_METRICS_PORT") or None
     p.add_argument(
         "--metrics-port",
         type=_positive_int,
+        default=port,
         metavar="PORT",
-        help="serve Prometheus /metrics, /healthz and /readyz on this port",
+        help="serve Prometheus /metrics, /healthz and /readyz on this port "
+        "(default: $FETCHER_METRICS_PORT, else off)",
     )
     p.add_argument(
         "--metrics-host",
-        default="127.0.0.1",
+        default=os.environ.get("FETCHER_METRICS_HOST", "127.0.0.1"),
         metavar="HOST",
         help="address for --metrics-port (127.0.0.1; 0.0.0.0 to be scraped from outside)",
     )

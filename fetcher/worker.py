@@ -409,7 +409,8 @@ class Worker:
                 pipe.xadd(opts.results_stream, {"result": data})
                 if dead is not None:
                     pipe.xadd(self._dead_stream, {"job": dead, "entry": entry_id})
-                pipe.xack(opts.stream, opts.group, entry_id)
+            # One XACK for the batch: half the commands, and the same all-or-nothing EXEC.
+            pipe.xack(opts.stream, opts.group, *(entry_id for entry_id, _, _ in batch))
             try:
                 await pipe.execute()
             except TRANSIENT as exc:
