@@ -112,7 +112,10 @@ class HttpJob(_Job):
     @property
     def target(self) -> URL:
         """The parsed URL (validated when the job was read)."""
-        return self._url
+        # Read from the private-attribute dict directly: ``self._url`` goes through pydantic's
+        # ``__getattr__`` (~30x slower), and this runs on every attempt.
+        url: URL = self.__pydantic_private__["_url"]  # type: ignore[index]
+        return url
 
 
 class MailJob(_Job):
