@@ -93,6 +93,12 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rate", type=float, metavar="R", help="requests/s per host")
     p.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-host concurrency that backs off on 429/503/Retry-After (off)",
+    )
+    p.add_argument(
         "--timeout", type=float, metavar="S", help="whole-attempt deadline, seconds (30)"
     )
     p.add_argument("--retries", type=_positive_int, metavar="N", help="extra attempts (2)")
@@ -118,6 +124,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency",
             "per_host",
             "rate",
+            "adaptive",
             "timeout",
             "retries",
             "max_bytes",

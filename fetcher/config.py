@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     processes: int = Field(1, ge=1, le=256)
     per_host: int = Field(0, ge=0)
     rate: float | None = Field(None, gt=0)
+    # Off by default: -n and --per-host then mean exactly what they say (README, "Adaptive").
+    adaptive: bool = False
     timeout: float = Field(30, gt=0)
     retries: int = Field(2, ge=0, le=100)
     max_bytes: int = Field(10 * 1024 * 1024, ge=0)

@@ -26,7 +26,7 @@ from .errors import JobError
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .pool import Outcome
-from .ratelimit import KeyedRate, KeyedSlots
+from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 DNS_CACHE_SECONDS = 300
@@ -113,7 +113,17 @@ class HttpHandler:
         self._timeout = settings.timeout
         self._max_bytes = settings.max_bytes
         self._max_redirects = settings.max_redirects
-        self._slots = KeyedSlots(settings.per_host)
+        # The adaptive controller caps each host at --per-host, or at -n when that is 0.
+        self._adaptive = (
+            AdaptiveSlots(
+                settings.per_host or settings.concurrency, max_pause=settings.retry_after_max
+            )
+            if settings.adaptive
+            else None
+        )
+        self._slots: KeyedSlots | AdaptiveSlots = (
+            KeyedSlots(settings.per_host) if self._adaptive is None else self._adaptive
+        )
         self._rate = KeyedRate(settings.rate)
         net = settings.network
         self.policy = NetworkPolicy(
@@ -176,6 +186,8 @@ class HttpHandler:
         await self._slots.acquire(host)
         resp: aiohttp.ClientResponse | None = None
         timeout = job.timeout or self._timeout
+        outcome: Outcome | None = None
+        started = time.monotonic() if self._adaptive is not None else 0.0
         try:
             # The deadline starts once this job holds its host slot: waiting behind other jobs
             # to the same host is not the server's fault.
@@ -192,12 +204,16 @@ class HttpHandler:
                     # one more lets exactly max_redirects redirects through.
                     max_redirects=self._max_redirects + 1,
                 ) as resp:
-                    return await self._read(job, resp)
+                    outcome = await self._read(job, resp)
+                    return outcome
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below, anything else re-raised
-            return self._failure(job, exc, resp, timeout)
+            outcome = self._failure(job, exc, resp, timeout)
+            return outcome
         finally:
+            if self._adaptive is not None and outcome is not None:
+                _feedback(self._adaptive, host, resp, outcome, started)
             self._slots.release(host)
 
     async def _read(self, job: HttpJob, resp: aiohttp.ClientResponse) -> Outcome:
@@ -255,6 +271,27 @@ class HttpHandler:
             fields["redirects"] = max(0, len(exc.history) - 1)  # the last one was not followed
         retry = retryable and self._may_retry(job, reached=reached)
         return Outcome(fields, error, retry=retry)
+
+
+def _feedback(
+    adaptive: AdaptiveSlots,
+    host: str,
+    resp: aiohttp.ClientResponse | None,
+    outcome: Outcome,
+    started: float,
+) -> None:
+    """Tell the adaptive controller how an attempt to ``host`` went."""
+    status = None if resp is None else resp.status
+    retry_after = None
+    if resp is not None and status in PRESSURE_STATUSES:
+        retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+    adaptive.feedback(
+        host,
+        status=status,
+        error=None if outcome.error is None else outcome.error.type,
+        retry_after=retry_after,
+        latency=time.monotonic() - started,
+    )
 
 
 def _empty_fields(job: HttpJob) -> dict[str, Any]:
