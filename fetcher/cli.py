@@ -287,7 +287,7 @@ def _add_redis_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scaleout_parsers(sub: Any) -> None:
-    from .scaleout import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
+    from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
 
     enq = sub.add_parser("enqueue", help="validate a job file and add its jobs to a Redis stream")
     enq.add_argument("jobs", metavar="JOBS", help="job file or -")

@@ -27,6 +27,11 @@ from . import __version__
 from .errors import ConfigError
 
 ENV_PREFIX = "FETCHER_"
+#  Scale-out stream and group names (here, not in scaleout.py, so the CLI can show them
+#  without importing redis on every command).
+DEFAULT_STREAM = "fetcher:jobs"
+DEFAULT_RESULTS = "fetcher:results"
+DEFAULT_GROUP = "fetcher"
 
 _frozen = ConfigDict(frozen=True, extra="forbid")
 

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from .config import Settings
+from .config import Settings, TlsSettings
 from .errors import JobError
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
@@ -125,6 +125,8 @@ class HttpHandler:
             KeyedSlots(settings.per_host) if self._adaptive is None else self._adaptive
         )
         self._rate = KeyedRate(settings.rate)
+        #  Without a per-host cap or the adaptive controller, no per-host bookkeeping at all.
+        self._limit_hosts = bool(settings.per_host) or self._adaptive is not None
         net = settings.network
         self.policy = NetworkPolicy(
             block_private=net.block_private, deny=net.deny_networks, allow=net.allow_networks
@@ -144,7 +146,9 @@ class HttpHandler:
             limit=s.concurrency,
             limit_per_host=s.per_host,
             ttl_dns_cache=DNS_CACHE_SECONDS,
-            ssl=ssl_context(s),
+            # With the default TLS settings aiohttp's own verified context serves (TLS >= 1.2,
+            # as ssl_context() makes): building another costs a read of the CA store at start-up.
+            ssl=ssl_context(s) if s.tls != TlsSettings() else True,
             resolver=self._resolver,
             socket_factory=self.policy.socket_factory,
         )
@@ -182,8 +186,10 @@ class HttpHandler:
             # (aiohttp refuses the two together with a ValueError).
             url = url.with_user(None)
         host = url.host or ""
-        await self._rate.acquire(host)
-        await self._slots.acquire(host)
+        if self._rate.interval:
+            await self._rate.acquire(host)
+        if self._limit_hosts:
+            await self._slots.acquire(host)
         resp: aiohttp.ClientResponse | None = None
         timeout = job.timeout or self._timeout
         outcome: Outcome | None = None
@@ -214,7 +220,8 @@ class HttpHandler:
         finally:
             if self._adaptive is not None and outcome is not None:
                 _feedback(self._adaptive, host, resp, outcome, started)
-            self._slots.release(host)
+            if self._limit_hosts:
+                self._slots.release(host)
 
     async def _read(self, job: HttpJob, resp: aiohttp.ClientResponse) -> Outcome:
         max_bytes = self._max_bytes if job.max_bytes is None else job.max_bytes
@@ -319,7 +326,7 @@ def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, An
         "method": job.method,
         "status": resp.status,
         "headers": headers,
-        "content_type": resp.headers.get("Content-Type"),
+        "content_type": headers.get("content-type"),
         "bytes": None,
         "sha256": None,
         "redirects": len(resp.history),

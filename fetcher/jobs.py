@@ -310,6 +310,8 @@ class JobParser:
         """Validate one job object read at ``line``; never raises for bad input."""
         if not isinstance(obj, dict):
             return self.invalid(line, f"a job must be an object, got {_json_type(obj)}")
+        if obj.keys() <= _PLAIN_KEYS and (plain := _plain_http_job(obj, line)) is not None:
+            return plain
         if (problem := _shape_problem(obj)) is not None:
             return self.invalid(line, problem)
         raw_id = obj.get("id")
@@ -360,6 +362,54 @@ class JobParser:
         elif job.smtp not in self._profiles:
             return self.invalid(line, f"smtp: unknown profile {job.smtp!r}", id=id_, kind=kind)
         return job
+
+
+#  A job of only these fields, all plain ASCII strings, is the common case of a big batch
+#  ({"id": ..., "url": ...}): it is built without the model's validator, which would check
+#  nothing more, at a fifth of the cost.
+_PLAIN_KEYS = frozenset({"id", "url", "kind"})
+_PLAIN_FIELDS_SET = frozenset({"id", "url"})
+_HTTP_DEFAULTS = {
+    name: field.get_default(call_default_factory=True)
+    for name, field in HttpJob.model_fields.items()
+    if not field.is_required()
+}
+
+
+def _plain_http_job(obj: dict[str, Any], line: int) -> HttpJob | None:
+    """The job for a plain ``{"id", "url"[, "kind": "http"]}`` object, or None to take the
+    full path (anything else, including every invalid job, is validated by the model)."""
+    url = obj.get("url")
+    id_ = obj.get("id")
+    if (
+        type(url) is not str
+        or not url.isascii()
+        or "${" in url
+        or obj.get("kind", "http") != "http"
+    ):
+        return None
+    if id_ is None:
+        id_ = str(line)
+    elif type(id_) is not str or not id_.isascii() or "${" in id_:
+        return None
+    target, _ = check_url(url)
+    if target is None:
+        return None
+    job = _new_object(HttpJob)
+    values = dict(_HTTP_DEFAULTS)
+    values["id"] = id_
+    values["url"] = url
+    values["headers"] = {}
+    values["params"] = {}
+    _set_attr(job, "__dict__", values)
+    _set_attr(job, "__pydantic_fields_set__", set(_PLAIN_FIELDS_SET))
+    _set_attr(job, "__pydantic_extra__", None)
+    _set_attr(job, "__pydantic_private__", {"_line": line, "_url": target})
+    return job
+
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
 
 
 def _shape_problem(obj: Any) -> str | None:

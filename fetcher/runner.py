@@ -143,7 +143,8 @@ class Run:
                 self._pool = runner.pool(emit=self._emit)
                 if shutdown.pending:
                     self._on_signal(shutdown.pending[0])
-                await runner.execute(self._pool, _skip_done(source, done))
+                jobs = source if done is None else _skip_done(source, done)
+                await runner.execute(self._pool, jobs)
         finally:
             for sig in shutdown.STOP_SIGNALS:
                 loop.remove_signal_handler(sig)

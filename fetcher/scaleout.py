@@ -24,17 +24,17 @@ import orjson
 import redis.asyncio as aredis
 import redis.exceptions as rexc
 
+from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
 from .errors import FetcherError, SetupError
 from .jobs import InvalidJob, JobParser, mask_url
 from .resume import DoneIds, id_hash, prepare_resume
 from .sink import JsonlWriter
 from .sources import JobSource
 
+__all__ = ["DEFAULT_GROUP", "DEFAULT_RESULTS", "DEFAULT_STREAM"]
+
 log = logging.getLogger("fetcher")
 
-DEFAULT_STREAM = "fetcher:jobs"
-DEFAULT_RESULTS = "fetcher:results"
-DEFAULT_GROUP = "fetcher"
 ENQUEUE_BATCH = 1000
 COLLECT_BATCH = 1000
 
