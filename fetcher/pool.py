@@ -100,6 +100,7 @@ class Pool:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency)
         self._feeder: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._stopped = False
         self.counters = PoolCounters()
 
     async def run(self, jobs: AsyncIterable[Any]) -> None:
@@ -107,6 +108,8 @@ class Pool:
 
         Returns when every job has been emitted, or when ``stop()``/``abort()`` ended the run early.
         """
+        if self._stopped:
+            return  # stopped before it started (a signal during start-up)
         self._workers = [
             asyncio.create_task(self._work(), name=f"fetcher-worker-{i}")
             for i in range(self._concurrency)
@@ -117,10 +120,13 @@ class Pool:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
+                self.abort()
                 raise  # run() itself was cancelled, not just the feeder by stop()
         finally:
+            # Also when the source failed: jobs in flight finish before the caller closes
+            # the connections under them.
             await self._close_queue()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+            await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _feed(self, jobs: AsyncIterable[Any]) -> None:
         queue = self._queue
@@ -149,6 +155,7 @@ class Pool:
 
     def stop(self) -> None:
         """Stop taking new jobs; jobs already queued are dropped unrun, jobs in flight finish."""
+        self._stopped = True
         if self._feeder is not None:
             self._feeder.cancel()
         while not self._queue.empty():

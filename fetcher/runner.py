@@ -130,7 +130,7 @@ class Run:
             raise
         if done is not None:
             log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
-        if not self.settings.tls.verify:
+        if not self.settings.tls.verify and opts.slice is None:  # a --processes parent warns
             log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
         bar = sys.stderr.isatty() if opts.progress is None else opts.progress
         interval = self.settings.progress_interval if opts.progress is not False else None

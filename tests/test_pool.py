@@ -189,3 +189,43 @@ async def test_abort_cancels_in_flight_jobs_without_results() -> None:
     pool.abort()
     await run
     assert results == []
+
+
+async def test_stop_before_run_runs_nothing() -> None:
+    handler = ScriptedHandler({})
+    results: list[dict[str, Any]] = []
+    pool = make_pool(handler, results, [])
+    pool.stop()  # a signal that arrived while the run was starting up
+    await pool.run(aiter([FakeJob("a"), FakeJob("b")]))
+    assert results == []
+    assert handler.calls == {}
+
+
+async def test_a_failing_source_lets_jobs_in_flight_finish() -> None:
+    release = asyncio.Event()
+
+    class Slow:
+        finished = 0
+
+        async def attempt(self, job: FakeJob) -> Outcome:
+            await release.wait()
+            self.finished += 1
+            return Outcome({})
+
+    async def broken_source() -> Any:
+        yield FakeJob("a")
+        yield FakeJob("b")
+        await asyncio.sleep(0)
+        release.set()
+        raise OSError("disk went away")
+
+    handler = Slow()
+    results: list[dict[str, Any]] = []
+    pool = make_pool(handler, results, [])
+    try:
+        await pool.run(broken_source())
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the source's error must reach the caller")
+    assert sorted(r["id"] for r in results) == ["a", "b"]  # finished before run() returned
