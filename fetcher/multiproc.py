@@ -28,17 +28,17 @@ import orjson
 
 from . import shutdown
 from .config import Settings
-from .errors import OutputClosed, OutputError, SetupError
+from .errors import OutputError, SetupError
 from .jobs import JobParser
 from .resume import prepare_resume
 from .runner import (
     EXIT_FAILED_JOBS,
     EXIT_OK,
     EXIT_OUTPUT,
-    EXIT_PIPE,
-    EXIT_SIGNAL,
     RunOptions,
     check_output,
+    early_exit_code,
+    make_progress,
 )
 from .sink import JsonlWriter
 from .sources import JobSource
@@ -86,9 +86,7 @@ class ParallelRun:
         )
         if not self.settings.tls.verify:
             log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
-        bar = sys.stderr.isatty() if opts.progress is None else opts.progress
-        interval = self.settings.progress_interval if opts.progress is not False else None
-        self._progress = Progress(self.stats, bar=bar, log_interval=interval)
+        self._progress = make_progress(self.stats, self.settings, opts.progress)
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -180,15 +178,9 @@ class ParallelRun:
                 child.send_signal(sig)
 
     def _exit_code(self, codes: list[int]) -> int:
-        err = self._output_error
-        if isinstance(err, OutputClosed):
-            return EXIT_PIPE
-        if err is not None:
-            log.error("%s", err)
-            return EXIT_OUTPUT
-        if self._signal is not None:
-            log.warning("stopped by %s: rerun with --resume to finish", self._signal.name)
-            return EXIT_SIGNAL[self._signal]
+        early = early_exit_code(self._output_error, self._signal)
+        if early is not None:
+            return early
         broken = [(k, c) for k, c in enumerate(codes) if c not in (EXIT_OK, EXIT_FAILED_JOBS)]
         for k, code in broken:
             log.error("process %d of %d exited with code %d", k, len(codes), code)

@@ -70,6 +70,27 @@ def line_selector(
     return select
 
 
+def make_progress(stats: Stats, settings: Settings, progress: bool | None) -> Progress:
+    """A bar when asked for, or by default when stderr is a terminal; else periodic log lines
+    (none at all with ``--no-progress``)."""
+    bar = sys.stderr.isatty() if progress is None else progress
+    interval = settings.progress_interval if progress is not False else None
+    return Progress(stats, bar=bar, log_interval=interval)
+
+
+def early_exit_code(error: OutputError | None, sig: signal.Signals | None) -> int | None:
+    """The exit code of a run that the output or a signal ended early, logged; else None."""
+    if isinstance(error, OutputClosed):
+        return EXIT_PIPE
+    if error is not None:
+        log.error("%s", error)
+        return EXIT_OUTPUT
+    if sig is not None:
+        log.warning("stopped by %s: rerun with --resume to finish", sig.name)
+        return EXIT_SIGNAL[sig]
+    return None
+
+
 def check_output(options: RunOptions) -> None:
     """Refuse to clobber or silently extend an existing results file."""
     if options.output == "-" or options.resume or options.overwrite:
@@ -132,9 +153,7 @@ class Run:
             log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
         if not self.settings.tls.verify and opts.slice is None:  # a --processes parent warns
             log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
-        bar = sys.stderr.isatty() if opts.progress is None else opts.progress
-        interval = self.settings.progress_interval if opts.progress is not False else None
-        self._progress = Progress(self.stats, bar=bar, log_interval=interval)
+        self._progress = make_progress(self.stats, self.settings, opts.progress)
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -200,13 +219,7 @@ class Run:
         self._grace_timer = asyncio.get_running_loop().call_later(grace, pool.abort)
 
     def _exit_code(self) -> int:
-        err = self._output_error
-        if isinstance(err, OutputClosed):
-            return EXIT_PIPE
-        if err is not None:
-            log.error("%s", err)
-            return EXIT_OUTPUT
-        if self._signal is not None:
-            log.warning("stopped by %s: rerun with --resume to finish", self._signal.name)
-            return EXIT_SIGNAL[self._signal]
+        early = early_exit_code(self._output_error, self._signal)
+        if early is not None:
+            return early
         return EXIT_OK if self.stats.failed == 0 else EXIT_FAILED_JOBS
