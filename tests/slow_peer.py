@@ -73,6 +73,13 @@ def write_jobs(path: Path, port: int, n: int, ms: int) -> set[str]:
     return {f"j{i}" for i in range(n)}
 
 
+def assert_each_id_once(path: Path, ids: set[str]) -> None:
+    """The results file has exactly one line for each of ``ids``, and no other."""
+    counts = Counter(r["id"] for r in read_results(path))
+    assert set(counts) == ids
+    assert max(counts.values()) == 1
+
+
 def read_results(path: Path) -> list[dict[str, object]]:
     """Every line must be a whole JSON object."""
     data = path.read_bytes()

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.slow_peer import SlowServer, read_results, write_jobs
+from tests.slow_peer import SlowServer, assert_each_id_once, read_results, write_jobs
 
 FETCHER = [sys.executable, "-m", "fetcher"]
 
@@ -73,9 +73,7 @@ def test_signal_drains_then_resume_finishes(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    counts = Counter(r["id"] for r in read_results(out))
-    assert set(counts) == ids
-    assert max(counts.values()) == 1
+    assert_each_id_once(out, ids)
 
 
 def test_grace_period_cancels_jobs_that_do_not_finish(
@@ -127,9 +125,7 @@ def test_sigkill_then_resume_converges_on_one_line_per_job(
         proc.communicate(timeout=10)
     done = subprocess.run([*FETCHER, *map(str, args), "--resume"], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    counts = Counter(r["id"] for r in read_results(out))
-    assert set(counts) == ids
-    assert max(counts.values()) == 1
+    assert_each_id_once(out, ids)
 
 
 def test_resume_cuts_a_torn_last_line(slow_server: SlowServer, tmp_path: Path) -> None:

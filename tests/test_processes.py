@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fetcher.runner import line_selector
-from tests.slow_peer import SlowServer, read_results, write_jobs
+from tests.slow_peer import SlowServer, assert_each_id_once, read_results, write_jobs
 
 FETCHER = [sys.executable, "-m", "fetcher"]
 
@@ -107,9 +107,7 @@ def test_sigterm_drains_all_processes_and_resume_finishes(
 
     done = subprocess.run([*args, "--resume"], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    counts = Counter(r["id"] for r in read_results(out))
-    assert set(counts) == ids
-    assert max(counts.values()) == 1
+    assert_each_id_once(out, ids)
 
 
 def test_parent_killed_children_do_not_outlive_their_pipe(
