@@ -238,23 +238,19 @@ class HttpHandler:
         ):
             resp.close()
             return _too_large(fields, max_bytes)
-        digest = hashlib.sha256()
-        keep = job.body != "none"
-        chunks: list[bytes] = []
-        size = 0
-        read = resp.content.readany
-        while chunk := await read():
-            size += len(chunk)
-            if size > max_bytes:
-                resp.close()  # drop the connection rather than drain a huge or endless body
-                return _too_large(fields, max_bytes)
-            digest.update(chunk)
-            if keep:
-                chunks.append(chunk)
-        fields["bytes"] = size
-        fields["sha256"] = digest.hexdigest()
-        if keep:
-            _put_body(fields, job.body, b"".join(chunks), resp.charset)
+        if length is not None and "Content-Encoding" not in resp.headers:
+            # The common case: the parser stops at Content-Length, just checked against
+            # max_bytes, so one read is bounded (and cheaper than a loop of chunks).
+            body: bytes | None = await resp.read()
+        else:
+            body = await _read_bounded(resp, max_bytes)
+        if body is None:
+            resp.close()  # drop the connection rather than drain a huge or endless body
+            return _too_large(fields, max_bytes)
+        fields["bytes"] = len(body)
+        fields["sha256"] = hashlib.sha256(body).hexdigest()
+        if job.body != "none":
+            _put_body(fields, job.body, body, resp.charset)
         status = resp.status
         if status < 400:
             return Outcome(fields)
@@ -331,6 +327,19 @@ def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, An
         "sha256": None,
         "redirects": len(resp.history),
     }
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes | None:
+    """The (decompressed) body, or None as soon as it passes ``max_bytes``."""
+    chunks: list[bytes] = []
+    size = 0
+    read = resp.content.readany
+    while chunk := await read():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _too_large(fields: dict[str, Any], max_bytes: int) -> Outcome:
