@@ -22,21 +22,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypedDict
+import weakref
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from typing import Any, Protocol
 
 from .config import Settings
 from .http import HttpHandler
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 from .pool import Handler, Pool, RetryPolicy
+from .schema import ErrorInfo
 
 JobInput = dict[str, Any] | HttpJob | MailJob
 """A job as a JSON-like dict (the job-file format) or a validated HttpJob / MailJob."""
-
-
-class ErrorInfo(TypedDict):
-    type: str
-    message: str
 
 
 class Result(dict[str, Any]):
@@ -50,23 +54,28 @@ class Result(dict[str, Any]):
 
     @property
     def id(self) -> str:
+        """The job's id (its 1-based position in the input when the job gave none)."""
         return str(self["id"])
 
     @property
     def kind(self) -> str | None:
+        """``"http"`` or ``"mail"``; None for an invalid job whose kind cannot be told."""
         kind: str | None = self.get("kind")
         return kind
 
     @property
     def ok(self) -> bool:
+        """The job did what it asked (http: a final status < 400; mail: accepted)."""
         return bool(self["ok"])
 
     @property
     def attempts(self) -> int:
+        """Attempts started; 0 for a job refused before any (invalid_job, invalid_url)."""
         return int(self["attempts"])
 
     @property
     def error(self) -> ErrorInfo | None:
+        """None when ok, else ``{"type": ..., "message": ...}``."""
         error: ErrorInfo | None = self.get("error")
         return error
 
@@ -78,18 +87,57 @@ class Result(dict[str, Any]):
 
     @property
     def elapsed_ms(self) -> float:
+        """Milliseconds from the first attempt's start to the result."""
         return float(self["elapsed_ms"])
 
+    @property
+    def started_at(self) -> str:
+        """ISO 8601 UTC time of the first attempt (of reading, for a refused job)."""
+        return str(self["started_at"])
+
+    @property
+    def url(self) -> str | None:
+        """The URL as requested, any password in it shown as ``***`` (http jobs)."""
+        url: str | None = self.get("url")
+        return url
+
+    @property
+    def final_url(self) -> str | None:
+        """The URL of the final response, after redirects (http jobs)."""
+        url: str | None = self.get("final_url")
+        return url
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """The final response's headers, names lower-cased (http jobs with a response)."""
+        headers: dict[str, str] | None = self.get("headers")
+        return headers
+
+    @property
+    def body(self) -> Any:
+        """The body the job asked for (text, base64 text or parsed JSON), else None."""
+        return self.get("body")
+
+    @property
+    def meta(self) -> Any:
+        """The job's own ``meta`` value, carried through untouched."""
+        return self.get("meta")
+
     def to_dict(self) -> dict[str, Any]:
+        """A plain ``dict`` copy: exactly the object ``fetcher run`` writes as the line."""
         return dict(self)
 
 
 class RunObserver(Protocol):
     """Watches a run from outside (metrics): may wrap the handlers, sees every result."""
 
-    def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]: ...
+    def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]:
+        """The handlers the run should use, given the real ones."""
+        ...
 
-    def result(self, result: dict[str, Any]) -> None: ...
+    def result(self, result: dict[str, Any]) -> None:
+        """Called with every result as it is emitted."""
+        ...
 
 
 async def build_handlers(
@@ -105,6 +153,7 @@ async def build_handlers(
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
+    """The pool's retry policy from the settings' retry and backoff keys."""
     return RetryPolicy(
         retries=settings.retries,
         backoff_base=settings.backoff_base,
@@ -129,6 +178,9 @@ class Runner:
         self._handlers: dict[str, Handler] | None = None
         self._pools: set[Pool] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #  Result streams not yet finished: a consumer that broke out of its loop leaves its
+        #  generator suspended until garbage collection; leaving the Runner closes it instead.
+        self._streams: weakref.WeakSet[AsyncGenerator[Result, None]] = weakref.WeakSet()
         self.parser = JobParser(smtp_profiles=self.settings.smtp.keys())
 
     async def __aenter__(self) -> Runner:
@@ -144,6 +196,9 @@ class Runner:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for stream in list(self._streams):
+            if not getattr(stream, "ag_running", False):  # one being iterated ends by itself
+                await stream.aclose()
         for pool in list(self._pools):
             pool.abort()
         # Runs left behind by a consumer that stopped iterating unwind before connections close.
@@ -183,14 +238,26 @@ class Runner:
         finally:
             self._pools.discard(pool)
 
-    async def run(
+    def run(
         self, jobs: Iterable[JobInput] | AsyncIterable[JobInput]
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         """Run ``jobs`` and yield each Result as it finishes (completion order).
 
         Dicts are validated as job-file lines (``${NAME}`` expanded, ids defaulting to the
         1-based position); a bad one yields an ``invalid_job`` Result, never an exception.
+        ``jobs`` is read lazily, as the pool has room, so a generator of any length runs in
+        bounded memory. Breaking out of the loop, or leaving the Runner, stops the run: jobs
+        in flight are cancelled and get no result.
         """
+        if self._handlers is None:
+            raise RuntimeError("Runner used outside 'async with'")
+        stream = self._run(jobs)
+        self._streams.add(stream)
+        return stream
+
+    async def _run(
+        self, jobs: Iterable[JobInput] | AsyncIterable[JobInput]
+    ) -> AsyncGenerator[Result, None]:
         results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
             maxsize=self.settings.concurrency
         )

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("jobs", metavar="JOBS")
     val.add_argument("-c", "--config", metavar="PATH", help="YAML config file (SMTP profiles)")
     _add_scaleout_parsers(sub)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of a job line or a result line")
+    schema.add_argument("which", choices=("jobs", "results"), help="jobs or results")
     return parser
 
 
@@ -153,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command in ("enqueue", "worker", "collect"):
             return _scaleout(args)
+        if args.command == "schema":
+            return _schema(args)
         return _run(args)
     except SetupError as exc:
         print(f"fetcher: {exc}", file=sys.stderr)
@@ -227,6 +232,16 @@ def _run(args: argparse.Namespace) -> int:
     if code == 141:
         _silence_stdout()
     return code
+
+
+def _schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .schema import job_schema, result_schema
+
+    schema = job_schema() if args.which == "jobs" else result_schema()
+    print(json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

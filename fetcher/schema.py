@@ -2,15 +2,17 @@
 
 The job schema is generated from the models jobs are validated with (``HttpJob``, ``MailJob``).
 The result models below are the one declaration of a result line's fields; the handlers build
-their result dicts to match, and the test suite validates every line the end-to-end tests produce
-against the schema generated here.
+their result dicts to match (``http._response_fields``, ``mail._outcome``, ``pool.run_job``,
+``InvalidJob.to_result``, the scale-out worker's ``abandoned`` lines), and the test suite
+validates every line the end-to-end tests produce against the schema generated here.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, with_config
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from 3.12
 
 from .errors import ErrorType
 from .jobs import HttpJob, MailJob
@@ -19,56 +21,94 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 _closed = ConfigDict(extra="forbid")
 
+#  What utc_now_iso() writes: 2026-11-25T04:37:11.123Z
+_ISO_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
 
-class ErrorInfo(BaseModel):
-    model_config = _closed
+
+@with_config(_closed)
+class ErrorInfo(TypedDict):
+    """The ``error`` object of a failed result: ``{"type": ..., "message": ...}``.
+
+    ``type`` is one of ``ERROR_TYPES`` (SPEC's table); ``message`` is one printable line.
+    """
+
     type: ErrorType
     message: str
 
 
 class _Result(BaseModel):
+    """The fields every result line carries."""
+
     model_config = _closed
     id: str
     ok: bool
-    attempts: int = Field(ge=0)
-    started_at: str = Field(description="ISO 8601 UTC time of the first attempt (or of reading)")
-    elapsed_ms: float = Field(ge=0)
+    attempts: int = Field(ge=0, description="attempts started: 1 + retries used")
+    started_at: str = Field(pattern=_ISO_UTC, description="ISO 8601 UTC time of the first attempt")
+    elapsed_ms: float = Field(ge=0, description="first attempt's start to the result")
     error: ErrorInfo | None
-    meta: Any = Field(None, description="the job's own meta field, when it had one")
-    line: int | None = Field(None, description="input line or position; refused jobs only")
 
 
-class HttpResult(_Result):
+class _Ran(_Result):
+    """A job that ran through the pool: it may carry the job's ``meta``."""
+
+    meta: Any = Field(default=None, description="the job's own meta field, when it had one")
+
+
+class HttpResult(_Ran):
+    """An http job that ran (ok or not)."""
+
     kind: Literal["http"]
-    url: str
-    final_url: str | None
+    url: str = Field(description="as requested, any password in it shown as ***")
+    final_url: str | None = Field(description="after redirects; null without a response")
     method: str
-    status: int | None
-    headers: dict[str, str] | None
+    status: int | None = Field(description="the final response's status; null without one")
+    headers: dict[str, str] | None = Field(description="the final response's, names lower-case")
     content_type: str | None
-    bytes: int | None
-    sha256: str | None
+    bytes: int | None = Field(ge=0, description="body length after decompression")
+    sha256: str | None = Field(pattern="^[0-9a-f]{64}$", description="hex digest of the body")
     redirects: int = Field(ge=0)
-    body: Any = Field(None, description="only when the job asked for a body")
-    body_error: str | None = Field(None, description="body mode json and a body that is not JSON")
+    body: Any = Field(default=None, description="only when the job asked for a body")
+    body_error: str | None = Field(
+        default=None, description="body mode json and a body that is not JSON"
+    )
 
 
-class MailResult(_Result):
+class MailResult(_Ran):
+    """A mail job that ran (ok or not)."""
+
     kind: Literal["mail"]
-    status: int | None
+    status: int | None = Field(description="SMTP reply to the end of DATA or the failing command")
     message_id: str | None
-    recipients: list[str]
-    refused: dict[str, tuple[int, str]]
+    recipients: list[str] = Field(description="accepted addresses")
+    refused: dict[str, tuple[int, str]] = Field(description="address -> [code, message]")
+
+
+class InternalResult(_Ran):
+    """A job whose attempt raised unexpectedly (a bug in fetcher): the common fields only."""
+
+    kind: Literal["http", "mail"]
+    ok: Literal[False]
+    error: ErrorInfo
 
 
 class RefusedResult(_Result):
-    """A job refused before any attempt (``invalid_job``, ``invalid_url``, ``abandoned``)."""
+    """A job refused before any attempt (``invalid_job``, ``invalid_url``), or dead-lettered
+    by the scale-out worker (``abandoned``, whose ``attempts`` are its deliveries)."""
 
-    kind: Literal["http", "mail"] | None
-    url: str | None = None
+    kind: Literal["http", "mail"] | None = Field(description="null when it cannot be told")
+    ok: Literal[False]
+    elapsed_ms: Literal[0]
+    error: ErrorInfo
+    line: int = Field(ge=0, description="1-based input line (JSONL) or position (YAML)")
+    url: str | None = Field(
+        default=None, description="an http job's URL, any password shown as ***"
+    )
 
 
-Result = Annotated[HttpResult | MailResult | RefusedResult, Field(union_mode="left_to_right")]
+Result = Annotated[
+    HttpResult | MailResult | RefusedResult | InternalResult, Field(union_mode="left_to_right")
+]
+"""One result line: the models are disjoint, so exactly one of them matches a valid line."""
 
 
 def _finish(schema: dict[str, Any], title: str) -> dict[str, Any]:
@@ -96,4 +136,5 @@ def job_schema() -> dict[str, Any]:
 
 
 def result_schema() -> dict[str, Any]:
+    """Schema of one result line (what ``fetcher run`` writes and ``Result.to_dict()`` holds)."""
     return _finish(TypeAdapter(Result).json_schema(mode="serialization"), "fetcher result")
