@@ -65,16 +65,16 @@ class NetworkSettings(BaseModel):
 class SmtpProfile(BaseModel):
     model_config = _frozen
     host: str = "localhost"
-    port: int = Field(587, ge=1, le=65535)
+    port: int = Field(default=587, ge=1, le=65535)
     security: Literal["starttls", "tls", "none"] = "starttls"
     username: str | None = None
     password_env: str | None = None
-    timeout: float = Field(30, gt=0)
-    pool_size: int = Field(4, ge=1)
-    max_messages_per_connection: int = Field(100, ge=1)
-    rate: float | None = Field(None, gt=0)
+    timeout: float = Field(default=30, gt=0)
+    pool_size: int = Field(default=4, ge=1)
+    max_messages_per_connection: int = Field(default=100, ge=1)
+    rate: float | None = Field(default=None, gt=0)
     ca_bundle: Path | None = None
-    idle_timeout: float = Field(30, gt=0)
+    idle_timeout: float = Field(default=30, gt=0)
 
 
 def _default_smtp() -> dict[str, SmtpProfile]:
@@ -92,28 +92,28 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    concurrency: int = Field(100, ge=1, le=100_000)
-    processes: int = Field(1, ge=1, le=256)
-    per_host: int = Field(0, ge=0)
-    rate: float | None = Field(None, gt=0)
+    concurrency: int = Field(default=100, ge=1, le=100_000)
+    processes: int = Field(default=1, ge=1, le=256)
+    per_host: int = Field(default=0, ge=0)
+    rate: float | None = Field(default=None, gt=0)
     # Off by default: -n and --per-host then mean exactly what they say (README, "Adaptive").
     adaptive: bool = False
-    timeout: float = Field(30, gt=0)
-    retries: int = Field(2, ge=0, le=100)
-    max_bytes: int = Field(10 * 1024 * 1024, ge=0)
-    max_redirects: int = Field(10, ge=0)
-    backoff_base: float = Field(0.5, ge=0)
-    backoff_max: float = Field(30, ge=0)
-    retry_after_max: float = Field(60, ge=0)
-    shutdown_grace: float = Field(10, ge=0)
-    fsync_interval: float | None = Field(None, gt=0)
-    progress_interval: float = Field(10, gt=0)
+    timeout: float = Field(default=30, gt=0)
+    retries: int = Field(default=2, ge=0, le=100)
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
+    max_redirects: int = Field(default=10, ge=0)
+    backoff_base: float = Field(default=0.5, ge=0)
+    backoff_max: float = Field(default=30, ge=0)
+    retry_after_max: float = Field(default=60, ge=0)
+    shutdown_grace: float = Field(default=10, ge=0)
+    fsync_interval: float | None = Field(default=None, gt=0)
+    progress_interval: float = Field(default=10, gt=0)
     user_agent: str = f"fetcher/{__version__}"
     headers: dict[str, str] = Field(default_factory=dict)
     resolve: dict[str, str] = Field(default_factory=dict)
     tls: TlsSettings = TlsSettings()
     network: NetworkSettings = NetworkSettings()
-    proxy: str | None = Field(None, repr=False)
+    proxy: str | None = Field(default=None, repr=False)
     trust_env: bool = False
     smtp: dict[str, SmtpProfile] = Field(default_factory=_default_smtp)
 

@@ -71,8 +71,8 @@ class _Job(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     id: str
-    timeout: float | None = Field(None, gt=0)
-    retries: int | None = Field(None, ge=0, le=100)
+    timeout: float | None = Field(default=None, gt=0)
+    retries: int | None = Field(default=None, ge=0, le=100)
     meta: Any = None
     """Anything the user wants carried into the result line untouched (e.g. a row key)."""
 
@@ -85,14 +85,20 @@ class _Job(BaseModel):
 
 
 class HttpJob(_Job):
+    """An http job, validated: a job-file line with ``"url"`` (``kind`` may be left out).
+
+    Build one with keyword arguments (``HttpJob(id="a", url="https://example.com/")``, the
+    request body as ``json=``) or let ``JobParser`` / ``Runner.run`` validate a dict.
+    """
+
     kind: Literal["http"] = "http"
     url: str
     method: Annotated[str, AfterValidator(_method)] = "GET"
     headers: Headers = Field(default_factory=dict)
     params: dict[str, ParamValue] = Field(default_factory=dict)
-    json_body: Any = Field(None, alias="json")
+    json_body: Any = Field(default=None, alias="json")
     data: str | None = None
-    max_bytes: int | None = Field(None, ge=0)
+    max_bytes: int | None = Field(default=None, ge=0)
     allow_redirects: bool = True
     body: Literal["none", "text", "base64", "json"] = "none"
     retry_unsafe: bool = False
@@ -119,6 +125,10 @@ class HttpJob(_Job):
 
 
 class MailJob(_Job):
+    """A mail job, validated: ``"kind": "mail"``, ``from`` (``sender=`` in Python), ``to``,
+    ``cc``, ``bcc`` (a string or a list), ``subject``, ``text`` and/or ``html``, ``headers``,
+    sent through the SMTP profile named by ``smtp``."""
+
     kind: Literal["mail"] = "mail"
     smtp: str = "default"
     sender: SafeStr = Field(alias="from")

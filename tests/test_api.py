@@ -99,23 +99,7 @@ def _own_doc(obj: Any) -> str:
     return (obj.__doc__ or "").strip()
 
 
-#  Docstrings still to be written in modules edited elsewhere (jobs.py): strict, so that this
-#  list has to shrink as soon as they land.
-DOCSTRING_PENDING = {"HttpJob", "MailJob"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(strict=True, reason="docstring pending in fetcher/jobs.py"),
-        )
-        if name in DOCSTRING_PENDING
-        else name
-        for name in sorted(set(EXPORTED) - DATA_NAMES)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(set(EXPORTED) - DATA_NAMES))
 def test_every_public_name_has_a_docstring(name: str) -> None:
     value = getattr(fetcher, name)
     assert _own_doc(value), f"fetcher.{name} has no docstring"
@@ -577,17 +561,7 @@ asyncio.run(main())
 
 @pytest.mark.parametrize(
     "plugin",
-    [
-        "pydantic.mypy",
-        pytest.param(
-            None,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="without pydantic's plugin mypy reads Field(None, ...) as no default: "
-                "config.py and jobs.py need Field(default=...)",
-            ),
-        ),
-    ],
+    ["pydantic.mypy", None],
 )
 def test_precise_types_for_a_strict_mypy_user(tmp_path: Path, plugin: str | None) -> None:
     example = tmp_path / "example.py"
