@@ -29,6 +29,8 @@ import pytest
 import redis
 from aiohttp import web
 
+from tests.app import close_loop
+
 
 def redis_binary() -> str:
     """The redis-server path; skips the test when missing (fails it in CI)."""
@@ -154,7 +156,7 @@ class HttpPeer:
             asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
-        self._loop.close()
+        close_loop(self._loop)
 
     async def _start(self) -> None:
         app = web.Application()

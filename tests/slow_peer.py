@@ -11,6 +11,8 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from tests.app import close_loop
+
 
 class SlowServer:
     """An aiohttp app on 127.0.0.1:0 in a thread: /slow?ms=N answers after N ms."""
@@ -51,7 +53,7 @@ class SlowServer:
         self._ready.set()
         self.loop.run_forever()
         self.loop.run_until_complete(self._runner.cleanup())
-        self.loop.close()
+        close_loop(self.loop)
 
     def __enter__(self) -> SlowServer:
         self._thread.start()
