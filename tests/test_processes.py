@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -143,3 +144,29 @@ def test_parent_killed_children_do_not_outlive_their_pipe(
     before = slow_server.requests[tmp_path.name]
     time.sleep(0.5)
     assert slow_server.requests[tmp_path.name] == before, "children still fetching"
+
+
+def test_shards_cover_the_job_file_once(slow_server: SlowServer, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    ids = write_jobs(jobs, slow_server.port, 90, ms=0)
+    out = tmp_path / "out.jsonl"
+    base = [*FETCHER, "run", str(jobs), "-o", str(out), "--no-progress"]
+    for k, extra in enumerate([["--shard", "0/3"], ["--shard", "1/3", "--processes", "2"]]):
+        done = subprocess.run([*base, *extra, "--resume"], capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert len(read_results(out)) == 30 * (k + 1)
+    # K from the Kubernetes Indexed Job's completion index.
+    env = {**os.environ, "JOB_COMPLETION_INDEX": "2"}
+    done = subprocess.run(
+        [*base, "--shard", "3", "--resume"], capture_output=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert_each_id_once(out, ids)
+    assert {r["id"] for r in read_results(out)[60:]} == {f"j{i}" for i in range(2, 90, 3)}
+
+    env["JOB_COMPLETION_INDEX"] = "3"  # out of range for 3 shards: refused before any work
+    bad = subprocess.run(
+        [*base, "--shard", "3", "--resume"], capture_output=True, env=env, timeout=30
+    )
+    assert bad.returncode == 2
+    assert b"JOB_COMPLETION_INDEX" in bad.stderr
