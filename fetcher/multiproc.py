@@ -110,11 +110,12 @@ class ParallelRun:
                     argv += ["--shard", f"{opts.shard[0]}/{opts.shard[1]}"]
                 if resume:
                     argv += ["--skip-done", opts.output]
-                self._children.append(
-                    await asyncio.create_subprocess_exec(
-                        *argv, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
-                    )
+                child = await asyncio.create_subprocess_exec(
+                    *argv, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
                 )
+                self._children.append(child)
+                if self._signal is not None:
+                    child.send_signal(self._signal)  # the signal came while children started
             if shutdown.pending:
                 self._on_signal(shutdown.pending[0])
             codes = await asyncio.gather(*(self._drain(child) for child in self._children))
