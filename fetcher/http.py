@@ -312,10 +312,13 @@ def _empty_fields(job: HttpJob) -> dict[str, Any]:
 
 
 def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    headers: dict[str, str] = {}
-    for name, value in resp.headers.items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    raw = resp.headers
+    headers = {name.lower(): value for name, value in raw.items()}
+    if len(headers) < len(raw):  # a repeated header: join its values, in order
+        headers = {}
+        for name, value in raw.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return {
         "url": mask_url(job.url),
         "final_url": mask_url(str(resp.url)),
