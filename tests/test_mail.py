@@ -16,7 +16,8 @@ from aiohttp import web
 
 from fetcher.config import Settings
 from fetcher.jobs import InvalidJob, JobParser, MailJob
-from fetcher.mail import MailHandler, build_message
+from fetcher.mail import MailHandler
+from fetcher.message import build_message
 from fetcher.pool import Pool, RetryPolicy
 
 from . import smtp_peer as peers
