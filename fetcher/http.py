@@ -433,7 +433,10 @@ def _os_message(exc: BaseException | None) -> str:
         return "unknown error"
     code = getattr(exc, "errno", None)
     text = getattr(exc, "strerror", None)
-    if not text and isinstance(code, int) and code > 0 and not isinstance(exc, socket.gaierror):
+    # The system's wording for a plain socket error ("Connection refused"), not the event
+    # loop's ("Connect call failed ('127.0.0.1', 1)"); resolver, TLS and policy errors keep theirs.
+    plain = not isinstance(exc, socket.gaierror | ssl.SSLError) and not is_blocked_error(exc)
+    if plain and isinstance(code, int) and code > 0:
         text = os.strerror(code)
     text = text or str(exc) or type(exc).__name__
     return _clean(text)

@@ -507,3 +507,11 @@ async def test_password_masked_in_final_url_after_redirects(server: ServerThread
     out = await fetch(f"http://carol:pa55-pw@127.0.0.1:{server.port}/redirect/2")
     assert out.ok
     assert "pa55-pw" not in out.fields["url"] and "pa55-pw" not in out.fields["final_url"]
+
+
+async def test_connect_error_message_is_the_system_wording(closed_port: int) -> None:
+    settings = load_settings(overrides={"retries": 0})
+    async with HttpHandler(settings) as handler:
+        outcome = await handler.attempt(http_job(f"http://127.0.0.1:{closed_port}/"))
+    assert outcome.error is not None
+    assert outcome.error.message == f"cannot connect to 127.0.0.1:{closed_port}: Connection refused"
