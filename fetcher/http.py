@@ -22,7 +22,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .config import Settings, TlsSettings
-from .errors import JobError
+from .errors import ConfigError, JobError
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .pool import Outcome
@@ -76,19 +76,41 @@ def _result(host: str, address: str, port: int) -> ResolveResult:
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The client TLS context of the ``tls`` settings; raises ConfigError for unusable files."""
     tls = settings.tls
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.ca_bundle is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca_bundle))
+        try:
+            ctx.load_verify_locations(cafile=str(tls.ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            reason = _tls_reason(exc)
+            raise ConfigError(f"tls.ca_bundle: cannot load {tls.ca_bundle}: {reason}") from None
     if tls.client_cert is not None:
-        ctx.load_cert_chain(
-            str(tls.client_cert), str(tls.client_key) if tls.client_key is not None else None
-        )
+        try:
+            ctx.load_cert_chain(
+                str(tls.client_cert), str(tls.client_key) if tls.client_key is not None else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"tls.client_cert: cannot load {tls.client_cert}: {_tls_reason(exc)}"
+            ) from None
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _tls_reason(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return "not a usable PEM certificate or key"
+    return exc.strerror or str(exc)
+
+
+def check_tls(settings: Settings) -> None:
+    """Fail now, before any output is opened, when the TLS files of the config are unusable."""
+    if settings.tls != TlsSettings():
+        ssl_context(settings)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

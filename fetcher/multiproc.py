@@ -29,6 +29,7 @@ import orjson
 from . import shutdown
 from .config import Settings
 from .errors import OutputError, SetupError
+from .http import check_tls
 from .jobs import JobParser
 from .resume import prepare_resume
 from .runner import (
@@ -73,6 +74,7 @@ class ParallelRun:
         # Open (and for YAML, parse) the file once here, so a bad file stops the run with exit 2.
         JobSource(opts.jobs, JobParser(smtp_profiles=self.settings.smtp.keys())).close()
         check_output(opts)
+        check_tls(self.settings)
 
     async def execute(self) -> int:
         opts = self.options

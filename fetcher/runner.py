@@ -19,6 +19,7 @@ from . import shutdown
 from .api import Runner, RunObserver, build_handlers
 from .config import Settings
 from .errors import OutputClosed, OutputError, SetupError
+from .http import check_tls
 from .jobs import JobParser
 from .pool import Pool
 from .resume import DoneIds, prepare_resume, read_done
@@ -140,6 +141,7 @@ class Run:
         source = JobSource(opts.jobs, parser, select=line_selector(opts.shard, opts.slice))
         try:
             check_output(opts)
+            check_tls(self.settings)
             done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
             if opts.skip_done is not None:
                 done = read_done(opts.skip_done)

@@ -362,6 +362,24 @@ def test_bad_config_exits_2_before_any_request(
     assert server.count(key) == 0
 
 
+@pytest.mark.parametrize("key", ["ca_bundle", "client_cert"])
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_unusable_tls_file_exits_2_and_leaves_the_output_alone(
+    tmp_path: Path, key: str, processes: str
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": "http://127.0.0.1:9/"}])
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "kept"}\n')
+    env = clean_env(**{f"FETCHER_TLS__{key.upper()}": str(bad)})
+    proc = fetcher("run", jobs, "-o", out, "--overwrite", "--processes", processes, env=env)
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and f"tls.{key}" in err, err
+    assert out.read_text() == '{"id": "kept"}\n'
+
+
 def test_bad_flag_value_exits_2(tmp_path: Path) -> None:
     jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": "http://127.0.0.1:9/"}])
     proc = fetcher("run", jobs, "--timeout", "0")
