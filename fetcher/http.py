@@ -108,9 +108,19 @@ def _tls_reason(exc: OSError | ssl.SSLError) -> str:
 
 
 def check_tls(settings: Settings) -> None:
-    """Fail now, before any output is opened, when the TLS files of the config are unusable."""
+    """Fail now, before any output is opened, when the TLS files of the config are unusable
+    (the SMTP profiles' CA bundles too: mail connections load them only when first used)."""
     if settings.tls != TlsSettings():
         ssl_context(settings)
+    for name, profile in settings.smtp.items():
+        if profile.ca_bundle is not None:
+            try:
+                ssl.create_default_context(cafile=str(profile.ca_bundle))
+            except (OSError, ssl.SSLError) as exc:
+                reason = _tls_reason(exc)
+                raise ConfigError(
+                    f"smtp.{name}.ca_bundle: cannot load {profile.ca_bundle}: {reason}"
+                ) from None
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -380,6 +380,15 @@ def test_unusable_tls_file_exits_2_and_leaves_the_output_alone(
     assert out.read_text() == '{"id": "kept"}\n'
 
 
+def test_unusable_smtp_ca_bundle_exits_2(tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": "http://127.0.0.1:9/"}])
+    config = tmp_path / "smtp.yaml"
+    config.write_text(f"smtp:\n  bulk:\n    ca_bundle: {tmp_path / 'missing.pem'}\n")
+    proc = fetcher("run", jobs, "-c", config)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert "smtp.bulk.ca_bundle" in proc.stderr.decode()
+
+
 def test_bad_flag_value_exits_2(tmp_path: Path) -> None:
     jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": "http://127.0.0.1:9/"}])
     proc = fetcher("run", jobs, "--timeout", "0")
