@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,6 +27,7 @@ from . import __version__
 from .errors import ConfigError
 
 ENV_PREFIX = "FETCHER_"
+_T = TypeVar("_T", str, dict[str, str])
 #  Scale-out stream and group names (here, not in scaleout.py, so the CLI can show them
 #  without importing redis on every command).
 DEFAULT_STREAM = "fetcher:jobs"
@@ -116,6 +117,41 @@ class Settings(BaseSettings):
     proxy: str | None = Field(default=None, repr=False)
     trust_env: bool = False
     smtp: dict[str, SmtpProfile] = Field(default_factory=_default_smtp)
+
+    @field_validator("resolve")
+    @classmethod
+    def _addresses(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, address in v.items():
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"{name}: {address!r} is not an IP address") from None
+        return v
+
+    @field_validator("headers", "user_agent")
+    @classmethod
+    def _no_control_characters(cls, v: _T) -> _T:
+        values = v.items() if isinstance(v, dict) else [("", v)]
+        for name, value in values:
+            if any((ord(c) < 32 and c != "\t") or c == "\x7f" for c in f"{name}{value}"):
+                raise ValueError("must not contain control characters (CR, LF, NUL...)")
+        return v
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from yarl import URL
+
+        try:
+            url = URL(v)
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            # The value may hold credentials: the message does not repeat it.
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return v
 
     @field_validator("smtp")
     @classmethod
@@ -228,7 +264,7 @@ def _describe(exc: ValidationError, flags: dict[str, Any], config_path: str | Pa
         where = f"config file {config_path}"
     else:
         where = "settings"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"config error in {where}: {loc}: {msg}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -159,3 +160,27 @@ def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(ValueError):
         s.timeout = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"proxy": "not a url"}, "proxy"),
+        ({"proxy": "socks5://127.0.0.1:1080"}, "proxy"),
+        ({"resolve": {"api.test": "not-an-ip"}}, "resolve"),
+        ({"headers": {"X-Team": "a\r\nInjected: 1"}}, "headers"),
+        ({"user_agent": "fetcher\n"}, "user_agent"),
+    ],
+)
+def test_unusable_values_are_config_errors(overrides: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=overrides)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+    assert "Value error" not in message
+
+
+def test_proxy_credentials_are_not_repeated_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides={"proxy": "ftp://user:hunter2@proxy.test:21"})
+    assert "hunter2" not in str(info.value)
