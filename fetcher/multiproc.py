@@ -29,17 +29,15 @@ import orjson
 from . import shutdown
 from .config import Settings
 from .errors import OutputError, SetupError
-from .http import check_tls
 from .jobs import JobParser
-from .resume import prepare_resume
 from .runner import (
     EXIT_FAILED_JOBS,
     EXIT_OK,
     EXIT_OUTPUT,
     RunOptions,
-    check_output,
     early_exit_code,
     make_progress,
+    open_output,
 )
 from .sink import JsonlWriter
 from .sources import JobSource
@@ -73,21 +71,12 @@ class ParallelRun:
             raise SetupError("--processes needs a job file: standard input can be read only once")
         # Open (and for YAML, parse) the file once here, so a bad file stops the run with exit 2.
         JobSource(opts.jobs, JobParser(smtp_profiles=self.settings.smtp.keys())).close()
-        check_output(opts)
-        check_tls(self.settings)
 
     async def execute(self) -> int:
         opts = self.options
         self._check()
         resume = opts.resume and opts.output != "-"
-        if resume:
-            done = prepare_resume(opts.output)
-            log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
-        self._writer = JsonlWriter.open(
-            opts.output, append=opts.resume, fsync_interval=self.settings.fsync_interval
-        )
-        if not self.settings.tls.verify:
-            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
+        self._writer, _ = open_output(self.settings, opts)
         self._progress = make_progress(self.stats, self.settings, opts.progress)
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:

@@ -92,6 +92,26 @@ def early_exit_code(error: OutputError | None, sig: signal.Signals | None) -> in
     return None
 
 
+def open_output(settings: Settings, opts: RunOptions) -> tuple[JsonlWriter, DoneIds | None]:
+    """The checks that can still refuse a run (OUT, TLS files), the ids ``--resume`` skips, and
+    the opened results writer. Logged once per run: a --processes parent logs, its children not.
+    """
+    check_output(opts)
+    check_tls(settings)
+    done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
+    if opts.skip_done is not None:
+        done = read_done(opts.skip_done)
+    writer = JsonlWriter.open(
+        opts.output, append=opts.resume, fsync_interval=settings.fsync_interval
+    )
+    if opts.slice is None:
+        if done is not None:
+            log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
+        if not settings.tls.verify:
+            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
+    return writer, done
+
+
 def check_output(options: RunOptions) -> None:
     """Refuse to clobber or silently extend an existing results file."""
     if options.output == "-" or options.resume or options.overwrite:
@@ -140,21 +160,10 @@ class Run:
         parser = JobParser(smtp_profiles=self.settings.smtp.keys())
         source = JobSource(opts.jobs, parser, select=line_selector(opts.shard, opts.slice))
         try:
-            check_output(opts)
-            check_tls(self.settings)
-            done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
-            if opts.skip_done is not None:
-                done = read_done(opts.skip_done)
-            self._writer = JsonlWriter.open(
-                opts.output, append=opts.resume, fsync_interval=self.settings.fsync_interval
-            )
+            self._writer, done = open_output(self.settings, opts)
         except BaseException:
             source.close()
             raise
-        if done is not None:
-            log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
-        if not self.settings.tls.verify and opts.slice is None:  # a --processes parent warns
-            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
         self._progress = make_progress(self.stats, self.settings, opts.progress)
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:

@@ -49,7 +49,6 @@ class JsonlWriter:
         self._size = os.lseek(fd, 0, os.SEEK_END) if self._regular else 0
         self._fsync_interval = fsync_interval
         self._last_fsync = time.monotonic()
-        self.lines = 0
         self._closed = False
 
     @classmethod
@@ -66,22 +65,13 @@ class JsonlWriter:
 
     def write(self, result: dict[str, Any]) -> None:
         """Queue one result line; raises OutputError once output has failed."""
-        if self._failed is not None:
-            raise self._failed
-        buf = self._buf
-        buf += _dumps(result, option=_OPTS)
-        self.lines += 1
-        if len(buf) >= BUFFER_BYTES:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._timed_flush)
+        self.write_raw(_dumps(result, option=_OPTS))
 
     def write_raw(self, lines: bytes) -> None:
         """Queue result lines already encoded (whole lines, each ending in a newline)."""
         if self._failed is not None:
             raise self._failed
         self._buf += lines
-        self.lines += lines.count(b"\n")
         if len(self._buf) >= BUFFER_BYTES:
             self.flush()
         elif self._timer is None:
