@@ -231,8 +231,7 @@ class MailHandler:
         except Exception as exc:  # noqa: BLE001 - classified below, anything else re-raised
             # A refusal (after RSET) leaves the connection usable; anything else may have left
             # it mid-command, so it is dropped.
-            refusal = isinstance(exc, aiosmtplib.SMTPResponseException) and st.phase != "login"
-            if st.conn is not None and not (refusal and st.conn.alive):
+            if st.conn is not None and not (_keeps_connection(exc, st) and st.conn.alive):
                 pool.discard(st.conn)
                 st.conn = None
             error, retry = _classify(exc, st, pool, timeout)
@@ -262,8 +261,8 @@ class MailHandler:
             st.conn = await self._open(pool, st, timeout)
         try:
             await self._send(pool, st, sender, rcpts, data, timeout, reused=reused)
-        except aiosmtplib.SMTPResponseException:
-            if st.conn is not None and st.conn.alive and st.phase != "login":
+        except aiosmtplib.SMTPResponseException as exc:
+            if st.conn is not None and st.conn.alive and _keeps_connection(exc, st):
                 await _rset(st.conn)
             raise
 
@@ -417,6 +416,20 @@ class MailHandler:
             )
             pool.auth_error = error
             raise _Failed(error, retry=False) from None
+
+
+def _keeps_connection(exc: Exception, st: _Attempt) -> bool:
+    """Whether a connection that raised ``exc`` may be reset and reused.
+
+    Only a refusal may. Not after a failed login (the session is in no state to reuse), nor after
+    421 at any step: the server said it is closing. aiosmtplib closes the connection itself on a
+    421 to an ordinary command but not on one to DATA, where the server may keep it open.
+    """
+    return (
+        isinstance(exc, aiosmtplib.SMTPResponseException)
+        and exc.code != SERVICE_CLOSING
+        and st.phase != "login"
+    )
 
 
 async def _rset(conn: _Conn) -> None:

@@ -2,8 +2,8 @@
 
 The server runs in aiosmtpd's own thread and event loop. ``Recorder`` keeps what it received
 (envelopes, parsed messages, connection and QUIT counts) and can be told to misbehave: refuse
-some recipients, defer a message once, close the session with 421, drop the connection in the
-middle of DATA, or answer slowly.
+some recipients, defer a message once, close the session with 421, answer 421 to DATA and stay
+connected, drop the connection in the middle of DATA, or answer slowly.
 
 Fixtures: ``smtp_peer`` (a factory: ``smtp_peer(**options) -> Peer``), ``tls_certs``.
 """
@@ -48,6 +48,7 @@ class Recorder:
     defer_data_once: bool = False  # 451 to the first DATA, 250 afterwards
     close_at_mail_once: bool = False  # 421 to the first MAIL, then close the connection
     drop_in_data_once: bool = False  # close the connection before replying to the first DATA
+    closing_at_data_once: bool = False  # 421 to the first DATA, and the connection left open
     data_delay: float = 0.0  # seconds before replying to DATA
     deliveries: list[Delivery] = field(default_factory=list)
     connections: int = 0
@@ -90,6 +91,11 @@ class Recorder:
         if self.defer_data_once:
             self.defer_data_once = False
             return "451 4.3.0 Try again later"
+        if self.closing_at_data_once:
+            # A server that says it is closing but does not (or not yet): the client must not
+            # take its word for the connection being usable, nor wait for it to go.
+            self.closing_at_data_once = False
+            return "421 4.3.2 Service shutting down"
         raw = envelope.original_content or b""
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(msg, EmailMessage)

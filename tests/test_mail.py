@@ -244,6 +244,29 @@ async def test_421_without_retries_is_smtp_temporary(smtp_peer: Any) -> None:
     assert r["status"] == 421 and r["recipients"] == []
 
 
+async def test_421_to_data_replaces_the_connection(smtp_peer: Any) -> None:
+    # aiosmtplib closes the connection itself after a 421 to an ordinary command, not after
+    # one to DATA: the handler must not RSET and reuse a connection the server is closing.
+    peer: Peer = smtp_peer(closing_at_data_once=True)
+    jobs = [mail_job("a"), mail_job("b")]
+    results = await run_jobs({"default": peer.profile(pool_size=1)}, jobs, concurrency=1)
+    assert results["a"]["ok"] and results["a"]["attempts"] == 2, results["a"]
+    assert results["b"]["ok"] and results["b"]["attempts"] == 1, results["b"]
+    assert peer.recorder.connections == 2
+    assert len(peer.recorder.deliveries) == 2
+
+
+async def test_421_to_data_without_retries_is_smtp_temporary(smtp_peer: Any) -> None:
+    peer: Peer = smtp_peer(closing_at_data_once=True)
+    jobs = [mail_job("a"), mail_job("b")]
+    results = await run_jobs({"default": peer.profile(pool_size=1)}, jobs, retries=0, concurrency=1)
+    r = results["a"]
+    assert r["error"]["type"] == "smtp_temporary" and r["attempts"] == 1, r
+    assert r["status"] == 421 and r["recipients"] == []
+    assert results["b"]["ok"]
+    assert peer.recorder.connections == 2
+
+
 # -- replies -------------------------------------------------------------------------------
 
 
