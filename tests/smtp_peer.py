@@ -2,8 +2,9 @@
 
 The server runs in aiosmtpd's own thread and event loop. ``Recorder`` keeps what it received
 (envelopes, parsed messages, connection and QUIT counts) and can be told to misbehave: refuse
-some recipients, defer a message once, close the session with 421, answer 421 to DATA and stay
-connected, drop the connection in the middle of DATA, or answer slowly.
+some recipients, every sender or every message, defer a message once, close the session with
+421, answer 421 to DATA and stay connected, drop the connection in the middle of DATA, or
+answer slowly.
 
 Fixtures: ``smtp_peer`` (a factory: ``smtp_peer(**options) -> Peer``), ``tls_certs``.
 """
@@ -49,6 +50,8 @@ class Recorder:
     close_at_mail_once: bool = False  # 421 to the first MAIL, then close the connection
     drop_in_data_once: bool = False  # close the connection before replying to the first DATA
     closing_at_data_once: bool = False  # 421 to the first DATA, and the connection left open
+    mail_reply: str | None = None  # the reply to every MAIL FROM, instead of 250
+    data_reply: str | None = None  # the reply to the end of every DATA, instead of 250
     data_delay: float = 0.0  # seconds before replying to DATA
     deliveries: list[Delivery] = field(default_factory=list)
     connections: int = 0
@@ -68,6 +71,8 @@ class Recorder:
             assert server.transport is not None
             server.transport.close()
             return "421 4.3.2 Service shutting down"  # not sent: the transport is closed
+        if self.mail_reply is not None:
+            return self.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -96,6 +101,8 @@ class Recorder:
             # take its word for the connection being usable, nor wait for it to go.
             self.closing_at_data_once = False
             return "421 4.3.2 Service shutting down"
+        if self.data_reply is not None:
+            return self.data_reply
         raw = envelope.original_content or b""
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(msg, EmailMessage)

@@ -318,6 +318,28 @@ async def test_451_without_retries(smtp_peer: Any) -> None:
     assert "451" in r["error"]["message"] and r["recipients"] == []
 
 
+@pytest.mark.parametrize(
+    ("options", "status", "what"),
+    [
+        ({"mail_reply": "550 5.7.1 Sender not allowed"}, 550, "MAIL FROM"),
+        ({"data_reply": "554 5.6.0 Message content rejected"}, 554, "message"),
+    ],
+)
+async def test_5xx_to_mail_or_data_is_rejected_not_retried(
+    smtp_peer: Any, options: dict[str, str], status: int, what: str
+) -> None:
+    peer: Peer = smtp_peer(**options)
+    jobs = [mail_job("a"), mail_job("b")]
+    results = await run_jobs({"default": peer.profile(pool_size=1)}, jobs, concurrency=1)
+    for r in results.values():
+        assert r["error"]["type"] == "smtp_rejected" and r["attempts"] == 1, r
+        assert r["status"] == status and r["recipients"] == []
+        assert what in r["error"]["message"] and str(status) in r["error"]["message"]
+    assert peer.recorder.mail_commands == 2  # one per job: never retried
+    assert peer.recorder.connections == 1  # a refusal, then RSET: the connection is kept
+    assert peer.recorder.deliveries == []
+
+
 async def test_disconnect_in_data_is_retried(smtp_peer: Any) -> None:
     peer: Peer = smtp_peer(drop_in_data_once=True)
     r = (await run_jobs({"default": peer.profile()}, [mail_job("d")]))["d"]
