@@ -32,6 +32,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 #  Control characters other than HTAB have no place in a header value (RFC 9110 field-vchar).
 _BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#  ... and in a mail header neither has any character that str.splitlines() breaks at: the email
+#  package folds and re-parses headers with it, so \x85 or U+2028 in a subject can start a new
+#  header line just as CRLF does.
+_BAD_MAIL_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 #  Limits on one job's shape, so that nothing downstream (${NAME} expansion, validation, the
 #  JSON writer, whose own limit is 255 levels) ever meets a structure too deep or too big.
 MAX_JOB_DEPTH = 100
@@ -41,8 +45,8 @@ UNSAFE_METHODS = frozenset({"POST", "PATCH"})
 
 
 def _no_line_breaks(v: str) -> str:
-    if "\r" in v or "\n" in v or "\x00" in v:
-        raise ValueError("must not contain CR, LF or NUL")
+    if _BAD_MAIL_VALUE.search(v):
+        raise ValueError("must not contain line breaks (CR, LF, U+2028, ...) or control characters")
     return v
 
 
@@ -61,8 +65,17 @@ def _header_map(v: dict[str, str]) -> dict[str, str]:
     return v
 
 
+def _mail_header_map(v: dict[str, str]) -> dict[str, str]:
+    _header_map(v)
+    for name, value in v.items():
+        if _BAD_MAIL_VALUE.search(value):
+            raise ValueError(f"header {name} must not contain line breaks or control characters")
+    return v
+
+
 SafeStr = Annotated[str, AfterValidator(_no_line_breaks)]
 Headers = Annotated[dict[str, str], AfterValidator(_header_map)]
+MailHeaders = Annotated[dict[str, str], AfterValidator(_mail_header_map)]
 ParamValue = str | int | float | bool
 
 
@@ -138,7 +151,7 @@ class MailJob(_Job):
     subject: SafeStr = ""
     text: str | None = None
     html: str | None = None
-    headers: Headers = Field(default_factory=dict)
+    headers: MailHeaders = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod

@@ -162,6 +162,66 @@ def test_line_breaks_in_mail_fields_are_invalid_job(fields: dict[str, Any]) -> N
     assert bad.type == "invalid_job" and bad.kind == "mail"
 
 
+#  Every character str.splitlines() breaks a line at (the email package folds and parses
+#  headers with it), NUL and the other C0 controls but TAB, and DEL.
+LINE_BREAKERS = sorted(
+    {chr(cp) for cp in range(0x110000) if len(f"a{chr(cp)}b".splitlines()) > 1}
+    | {chr(cp) for cp in range(0x20) if cp != 0x09}
+    | {"\x7f"}
+)
+
+
+def test_line_breakers_include_the_unicode_ones() -> None:
+    # The list above is computed; make sure it holds what the email package would split on.
+    for ch in "\v\f\x1c\x1d\x1e\x85\u2028\u2029\r\n\x00":
+        assert ch in LINE_BREAKERS
+
+
+MAIL_FIELDS: list[tuple[str, Any, str]] = [
+    ("subject", "Hi{}Bcc: victim@x.test", "subject"),
+    ("from", "Ann{}<a@x.test>", "from"),
+    ("to", ["b@x.test{}"], "to"),
+    ("cc", ["C{}<c@x.test>"], "cc"),
+    ("bcc", "d@x.test{}", "bcc"),
+    ("headers", {"X-A": "v{}Bcc: victim@x.test"}, "headers"),
+]
+
+
+def _with_char(value: Any, ch: str) -> Any:
+    if isinstance(value, str):
+        return value.format(ch)
+    if isinstance(value, list):
+        return [v.format(ch) for v in value]
+    return {k: v.format(ch) for k, v in value.items()}
+
+
+@pytest.mark.parametrize("ch", LINE_BREAKERS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize(("field", "value", "where"), MAIL_FIELDS, ids=[f[0] for f in MAIL_FIELDS])
+def test_line_breaks_and_controls_in_mail_fields_are_invalid_job(
+    field: str, value: Any, where: str, ch: str
+) -> None:
+    job = {"id": "m", "kind": "mail", "from": "a@x.test", "to": ["b@x.test"]}
+    job[field] = _with_char(value, ch)
+    bad = refused(job, line=5)
+    assert bad.type == "invalid_job" and bad.kind == "mail", bad
+    assert bad.line == 5 and bad.id == "m"
+    assert bad.message.startswith(where), bad.message
+    assert ch not in bad.message  # the one-line report stays one line
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"subject": "Grüße\tand a tab — ça va? ✓"},
+        {"from": "Zoë Ünïcode <a@x.test>"},
+        {"headers": {"X-A": "a\tb ✓"}},
+    ],
+)
+def test_tab_and_printable_unicode_in_mail_fields_are_fine(fields: dict[str, Any]) -> None:
+    job = {"kind": "mail", "from": "a@x.test", "to": ["b@x.test"], **fields}
+    assert isinstance(parse(job), MailJob)
+
+
 def test_mail_without_recipients_or_with_unknown_profile() -> None:
     assert "recipient" in refused({"kind": "mail", "from": "a@x.test", "to": []}).message
     bad = refused({"kind": "mail", "from": "a@x.test", "to": "b@x.test", "smtp": "nope"})

@@ -562,3 +562,22 @@ async def test_validate_catches_header_injection(tmp_path: Path) -> None:
     code, output = await _fetcher("validate", str(jobs_file))
     assert code == 2
     assert "subject" in output and "2" in output
+
+
+async def test_validate_catches_unicode_line_breaks_with_their_lines(tmp_path: Path) -> None:
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs = [
+        mail_job("good"),
+        mail_job("sep", subject="hi\u2028Bcc: victim@example.net"),
+        mail_job("good2"),
+        mail_job("vt", headers={"X-A": "v\x0bBcc: victim@example.net"}),
+        mail_job("nel", to=["a@example.org\x85"]),
+    ]
+    jobs_file.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    code, output = await _fetcher("validate", str(jobs_file))
+    assert code == 2, output
+    reports = [ln for ln in output.splitlines() if "invalid_job" in ln]
+    assert len(reports) == 3, output
+    for line, field in ((2, "subject"), (4, "headers"), (5, "to")):
+        assert any(f"jobs.jsonl:{line}: invalid_job: {field}" in r for r in reports), output
+    assert "3 invalid" in output
