@@ -249,17 +249,47 @@ class InvalidJob:
         return result
 
 
+#  What can start a malformed URL before its userinfo: a scheme, and any slashes after it.
+_SCHEME_PREFIX = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*:[/\\]*")
+
+
 def mask_url(url: str) -> str:
     """The URL with any password in it replaced by ``***``."""
     if "@" not in url:
         return url
     try:
         u = URL(url)
+        u.port  # noqa: B018 - a bad port raises only when read
+        well_formed = u.absolute and u.host is not None
     except (ValueError, TypeError):
-        return _CONTROL.sub("", url.split("@")[-1])
+        well_formed = False
+    if not well_formed:
+        # yarl finds no userinfo in "http:/u:pw@h/" or "u:pw@h/x", and raises on others, yet
+        # such a URL is shown in its invalid_url line and may be one typo from a real one.
+        return _mask_userinfo(url)
     if u.password is None:
-        return url
+        return url  # any @ is in the path, query or fragment
     return str(u.with_password("***"))
+
+
+def _mask_userinfo(url: str) -> str:
+    """Mask what looks like ``user:password@`` in a URL yarl could not make sense of.
+
+    Everything between the first colon of the would-be userinfo and the last ``@`` is hidden:
+    a password in a malformed URL may hold ``/``, ``?``, ``#``, ``:`` or ``@`` unescaped.
+    """
+    head, _, tail = url.rpartition("@")
+    prefix = _SCHEME_PREFIX.match(head)
+    keep = prefix.group() if prefix else ""
+    rest = head[len(keep) :]
+    if ":" in rest:
+        masked = f"{keep}{rest.partition(':')[0]}:***@{tail}"
+    elif keep.endswith(":"):
+        masked = f"{keep}***@{tail}"  # "u:pw@h": what looks like a scheme may be the user
+    else:
+        return url  # a user name alone: nothing secret
+    # The masked URL also goes into one-line messages (``--redis URL: ...``).
+    return _CONTROL.sub("", masked)
 
 
 def _describe(exc: ValidationError) -> str:

@@ -261,6 +261,33 @@ def test_invalid_url_result_masks_the_password() -> None:
     assert "topsecret" not in str(bad.to_result())
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http:/u:secret@h.test/",
+        "http:\\u:secret@h.test/",
+        "http:\\\\u:secret@h.test/",
+        "http:///u:secret@h.test/",
+        "u:secret@h.test/x",
+        " http://u:secret@h.test/",
+        "http://u:secret@h.test:bad/",
+        "http://u:se?cret@h.test/",
+        "http://u:se#cret@h.test/",
+        "http://u:secret@[::1/",
+        "http:/u:sec@ret@h.test/",
+        "http:/u:se/cret@h.test/",
+        "ftp:/u:secret@h.test/",
+    ],
+)
+def test_malformed_url_with_credentials_never_shows_the_password(url: str) -> None:
+    bad = refused({"id": "u", "url": url})
+    assert bad.type == "invalid_url", bad
+    assert bad.url is not None and "***" in bad.url, bad.url
+    for part in ("secret", "cret", "se"):
+        assert part not in bad.url.replace("h.test", ""), bad.url
+    assert "secret" not in str(bad.to_result())
+
+
 def test_invalid_job_result_line_fields() -> None:
     result = refused([1], line=11).to_result()
     assert set(result) == {"id", "kind", "ok", "attempts", "started_at", "elapsed_ms", "error"} | {
@@ -313,6 +340,12 @@ def test_env_values_are_read_at_parse_time_not_from_the_file() -> None:
         ("http://u:pw@a.test/x", "http://u:***@a.test/x"),
         ("http://u@a.test/x", "http://u@a.test/x"),
         ("http://a.test/x?p=@", "http://a.test/x?p=@"),
+        # An @ after the host is not userinfo: a well-formed URL without a password stays as is.
+        ("http://a.test:8080/x?p=a:b@c", "http://a.test:8080/x?p=a:b@c"),
+        ("http://a.test/u:v@w", "http://a.test/u:v@w"),
+        ("http:/u@a.test/", "http:/u@a.test/"),  # a user name, no password
+        ("http:/u:pw@a.test/x", "http:/u:***@a.test/x"),
+        ("u:pw@a.test/x", "u:***@a.test/x"),
         ("https://a.test/", "https://a.test/"),
     ],
 )
