@@ -140,6 +140,10 @@ class Worker:
 
     async def execute(self) -> int:
         opts = self.options
+        if not self.settings.tls.verify:
+            # Word for word the line `fetcher run` prints (runner.open_output): once per worker
+            # process, and never silent, however verification was turned off.
+            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
         if opts.output is not None:
             # A worker that restarts adds to its file rather than replace what it wrote before.
             self._writer = JsonlWriter.open(

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trustme
 
 from fetcher.http import ssl_context
 
+from .redis_peer import redis_peer
 from .security_peers import (
     blocking_tls_server,
     forward_proxy,
@@ -195,6 +197,37 @@ async def test_insecure_accepts_and_warns_once(ca: trustme.CA, tmp_path: Path) -
         run = await run_cli("run", str(path), "-o", str(tmp_path / "o2.jsonl"))
         assert run.code == 1
         assert warning_lines(run.stderr) == []
+
+
+async def test_worker_insecure_accepts_and_warns_once(ca: trustme.CA, tmp_path: Path) -> None:
+    """``fetcher worker`` warns the way ``fetcher run`` does: one line per run, never silent."""
+    with redis_peer(tmp_path) as rds:
+        async with recording_server(ssl_context=server_ctx(ca)) as peer:
+            jobs = [{"id": str(i), "url": f"{peer.url}/echo"} for i in range(3)]
+            path = write_jobs(tmp_path / "jobs.jsonl", jobs)
+            enq = await run_cli("enqueue", str(path), "--redis", rds.url)
+            assert enq.code == 0, enq
+            out = tmp_path / "out.jsonl"
+            worker = ("worker", "--redis", rds.url, "--drain", "--retries", "0")
+            run = await run_cli(*worker, "--insecure", "-o", str(out))
+            assert run.code == 0, run
+            results = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+            assert len(results) == 3 and all(r["ok"] for r in results), results
+            assert len(warning_lines(run.stderr)) == 1, run.stderr
+            # From the config file too.
+            cfg = write_config(tmp_path / "c.yaml", "tls:\n  verify: false\n")
+            run = await run_cli(*worker, "-c", str(cfg))
+            assert run.code == 0, run
+            assert len(warning_lines(run.stderr)) == 1, run.stderr
+            # Without either, no such line; and the same job now fails as tls.
+            enq = await run_cli("enqueue", str(path), "--redis", rds.url)
+            assert enq.code == 0, enq
+            out2 = tmp_path / "out2.jsonl"
+            run = await run_cli(*worker, "-o", str(out2))
+            assert run.code == 0, run
+            assert warning_lines(run.stderr) == []
+            results = [orjson.loads(line) for line in out2.read_bytes().splitlines()]
+            assert [r["error"]["type"] for r in results] == ["tls"] * 3, results
 
 
 async def test_insecure_keeps_client_certificate_from_config(
