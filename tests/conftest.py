@@ -61,7 +61,18 @@ def http_job(url: str, **fields: Any) -> HttpJob:
 # validated too. Torn lines (crash tests write them on purpose) are skipped; lines that are not
 # results (job files) are told apart by the fields every result carries.
 
-_SCHEMA_CHECKED = {"test_e2e", "test_crash", "test_processes", "test_mail", "test_api"}
+_SCHEMA_CHECKED = {
+    "test_e2e",
+    "test_crash",
+    "test_processes",
+    "test_mail",
+    "test_api",
+    "test_scaleout",
+    "test_metrics",
+    "test_security",
+    "test_adaptive",
+    "test_hostile",
+}
 _SCHEMA_WRAPPED = ("json_lines", "run_jobs")
 _RESULT_KEYS = frozenset({"id", "ok", "attempts", "started_at", "elapsed_ms", "error"})
 #  Per file: the memory test writes 200,000 lines, all alike.
