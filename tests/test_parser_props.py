@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fetcher.errors import JobFileError
 from fetcher.jobs import HttpJob, InvalidJob, JobParser, MailJob, check_url
-from fetcher.sources import MAX_LINE_BYTES, JobSource
+from fetcher.sources import MAX_LINE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, JobSource
 
 from .security_peers import run_cli
 
@@ -268,6 +268,68 @@ def test_yaml_recursive_aliases(tmp_path: Path, doc: bytes) -> None:
     for item in items:
         assert isinstance(item, InvalidJob)
         check_item(item, item.line)
+
+
+#  The same bomb as a YAML sequence: 72 aliases that stand for 9**9 strings.
+LAUGHS_LIST = (
+    b"  - &a ["
+    + b",".join([b'"lol"'] * 9)
+    + b"]\n"
+    + b"".join(
+        b"  - &" + bytes([c]) + b" [" + b",".join([b"*" + bytes([c - 1])] * 9) + b"]\n"
+        for c in b"bcdefghi"
+    )
+)
+
+
+def _yaml_problem(tmp_path: Path, doc: bytes) -> str:
+    path = tmp_path / "jobs.yaml"
+    path.write_bytes(doc)
+    with pytest.raises(JobFileError) as caught:
+        list(JobSource(str(path), JobParser(environ=ENV)))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        # A list entry that is not a job: the parser refuses it without a look inside.
+        b"- url: http://h.test/\n-\n" + LAUGHS_LIST,
+        # Under a top-level key that is not `jobs` or `defaults`: the file shape is refused
+        # without walking the values.
+        b"laughs:\n" + indent(BILLION_LAUGHS) + b"jobs:\n  - url: http://h.test/\n",
+        # In defaults: each merged job would be refused by its own size check, one by one.
+        b"defaults:\n  meta:\n" + indent(BILLION_LAUGHS) + b"jobs:\n  - url: http://h.test/\n",
+    ],
+    ids=["not-a-job", "other-key", "defaults"],
+)
+def test_yaml_expansion_cap_is_the_loaders(tmp_path: Path, doc: bytes) -> None:
+    # Few aliases (under MAX_YAML_ALIASES), so only the loader's expansion count can stop these;
+    # no later check would turn them into a JobFileError naming the expansion.
+    assert doc.count(b"*") < MAX_YAML_ALIASES
+    message = _yaml_problem(tmp_path, doc)
+    assert f"not valid YAML: more than {MAX_YAML_NODES} values once aliases" in message
+
+
+def test_yaml_alias_count_cap_is_the_loaders(tmp_path: Path) -> None:
+    # Aliases of one short string expand to little: only the alias count refuses them.
+    def doc(n: int) -> bytes:
+        return b"- &s x\n- [" + b", ".join([b"*s"] * n) + b"]\n"
+
+    path = tmp_path / "ok.yaml"
+    path.write_bytes(doc(MAX_YAML_ALIASES))
+    items = list(JobSource(str(path), JobParser()))
+    assert [type(i) for i in items] == [InvalidJob, InvalidJob]  # not jobs, but loaded
+    message = _yaml_problem(tmp_path, doc(MAX_YAML_ALIASES + 1))
+    assert f"line 2: not valid YAML: more than {MAX_YAML_ALIASES} aliases" in message
+
+
+def test_yaml_self_reference_is_the_loaders(tmp_path: Path) -> None:
+    # A list that contains itself, in an entry the parser refuses without a look inside.
+    message = _yaml_problem(tmp_path, b"- url: http://h.test/\n- &a [x, *a]\n")
+    assert "not valid YAML: an alias refers to a node that contains it" in message
 
 
 @pytest.mark.parametrize(
