@@ -369,6 +369,45 @@ def test_worker_holds_no_more_than_it_can_run(
     assert procs.wait("w") == 0
 
 
+def test_result_and_ack_go_in_one_transaction(
+    tmp_path: Path, rds: RedisPeer, web: HttpPeer, procs: Procs
+) -> None:
+    """Each XACK of finished jobs sits in a MULTI/EXEC after the XADDs of their results.
+
+    MONITOR shows what Redis ran, connection by connection: a pipeline without a transaction
+    sends the same XADDs and XACK, but no MULTI and no EXEC around them.
+    """
+    jobs = [{"id": f"m{i}", "url": f"{web.url}/ok/m{i}"} for i in range(8)]
+    assert enqueue(rds, write_jobs(tmp_path / "jobs.jsonl", jobs)).returncode == 0
+    with rds.client().monitor() as monitor:
+        procs.worker("w", "--drain", "-n", "3")
+        assert procs.wait("w") == 0, procs.log("w")
+        rds.client().echo("monitor-end")
+        seen: dict[str, list[str]] = {}  # client port -> the commands it sent, in order
+        for cmd in monitor.listen():
+            if cmd["command"] == "ECHO monitor-end":
+                break
+            seen.setdefault(cmd["client_port"], []).append(cmd["command"])
+    blocks: list[list[str]] = []
+    for commands in seen.values():
+        for i, command in enumerate(commands):
+            if not command.startswith("XACK fetcher:jobs "):
+                continue
+            start = i
+            while start > 0 and commands[start - 1].startswith("XADD fetcher:results "):
+                start -= 1
+            assert start > 0 and commands[start - 1] == "MULTI", commands[max(0, start - 3) : i + 1]
+            assert commands[i + 1 : i + 2] == ["EXEC"], commands[i : i + 3]
+            assert len(command.split()) - 3 == i - start, command  # one entry per result
+            blocks.append(commands[start:i])
+    assert blocks, f"no XACK seen: {seen}"
+    adds = [add for block in blocks for add in block]
+    assert len(adds) == len(jobs)  # every result stored, each with the ack of its entry
+    for job in jobs:
+        assert sum(f'"id":"{job["id"]}"' in add for add in adds) == 1, job["id"]
+    assert rds.client().xpending("fetcher:jobs", "fetcher")["pending"] == 0
+
+
 # -- collect ---------------------------------------------------------------------------------
 
 
