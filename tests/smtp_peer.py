@@ -3,8 +3,8 @@
 The server runs in aiosmtpd's own thread and event loop. ``Recorder`` keeps what it received
 (envelopes, parsed messages, connection and QUIT counts) and can be told to misbehave: refuse
 some recipients, every sender or every message, defer a message once, close the session with
-421, answer 421 to DATA and stay connected, drop the connection in the middle of DATA, or
-answer slowly.
+421, answer 421 to DATA and stay connected, drop the connection in the middle of DATA, answer
+slowly, or quote a refused password back.
 
 Fixtures: ``smtp_peer`` (a factory: ``smtp_peer(**options) -> Peer``), ``tls_certs``.
 """
@@ -52,6 +52,7 @@ class Recorder:
     closing_at_data_once: bool = False  # 421 to the first DATA, and the connection left open
     mail_reply: str | None = None  # the reply to every MAIL FROM, instead of 250
     data_reply: str | None = None  # the reply to the end of every DATA, instead of 250
+    echo_credentials: bool = False  # a refused login's reply quotes the user and password
     data_delay: float = 0.0  # seconds before replying to DATA
     deliveries: list[Delivery] = field(default_factory=list)
     connections: int = 0
@@ -208,6 +209,12 @@ def _authenticate(
         and auth_data.login == USER.encode()
         and auth_data.password == PASSWORD.encode()
     )
+    if not ok and recorder.echo_credentials and isinstance(auth_data, LoginPassword):
+        # A careless (or hostile) server: the client must not repeat what it is told here.
+        login, password = auth_data.login.decode(), auth_data.password.decode()
+        return AuthResult(
+            success=False, handled=False, message=f"535 5.7.8 no user {login} with {password}"
+        )
     return AuthResult(success=ok, handled=False)
 
 

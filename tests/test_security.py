@@ -16,6 +16,7 @@ import trustme
 
 from fetcher.http import ssl_context
 
+from . import smtp_peer as smtp_peers
 from .redis_peer import redis_peer
 from .security_peers import (
     blocking_tls_server,
@@ -28,6 +29,10 @@ from .security_peers import (
     write_config,
     write_jobs,
 )
+
+# The SMTP server fixtures live in smtp_peer.py; binding them here makes pytest find them.
+smtp_peer = smtp_peers.smtp_peer
+tls_certs = smtp_peers.tls_certs
 
 # --- TLS material ------------------------------------------------------------------------------
 
@@ -378,6 +383,67 @@ async def test_secrets_never_reach_stdout_or_stderr(ca: trustme.CA, tmp_path: Pa
     assert results["http_status-literal"]["attempts"] == 2  # retried, and still nothing leaked
     for blob in (run.stdout, run.stderr, validate.stdout, validate.stderr):
         assert_no_secret(blob)
+
+
+async def test_smtp_passwords_never_reach_stdout_or_stderr(
+    smtp_peer: Any, tls_certs: Any, tmp_path: Path
+) -> None:
+    """Right and wrong SMTP passwords, over PLAIN and LOGIN, from a server that quotes a refused
+    password back in its reply: none of them shows in the results, logs or progress."""
+    wrong = "Sekr1tWrongSmtpPw"
+    user, right = smtp_peers.USER, smtp_peers.PASSWORD
+    servers = {
+        mech: smtp_peer("starttls", auth=True, exclude=(other,), echo_credentials=True)
+        for mech, other in (("plain", "LOGIN"), ("login", "PLAIN"))
+    }
+    profiles = ""
+    jobs: list[dict[str, Any]] = []
+    for mech, peer in servers.items():
+        for which in ("right", "wrong"):
+            name = f"{mech}-{which}"
+            profiles += (
+                f"  {name}:\n    host: 127.0.0.1\n    port: {peer.port}\n"
+                f"    security: starttls\n    username: {user}\n"
+                f"    password_env: SMTP_{which.upper()}\n"
+                f"    ca_bundle: {tls_certs.ca_path}\n    timeout: 5\n"
+            )
+            for i in range(2):
+                jobs.append(
+                    {
+                        "id": f"{name}-{i}",
+                        "kind": "mail",
+                        "smtp": name,
+                        "from": "noreply@example.com",
+                        "to": ["a@example.org"],
+                        "subject": "hi",
+                        "text": "hi",
+                    }
+                )
+    cfg = write_config(tmp_path / "c.yaml", f"retries: 1\nbackoff_base: 0\nsmtp:\n{profiles}")
+    path = write_jobs(tmp_path / "jobs.jsonl", jobs)
+    env = {"SMTP_RIGHT": right, "SMTP_WRONG": wrong}
+    run = await run_cli("-v", "run", str(path), "-c", str(cfg), "--progress", env=env)
+    assert run.code == 1, run
+
+    results = {r["id"]: r for r in run.results}
+    assert len(results) == len(jobs), run
+    for job_id, r in results.items():
+        if "-right-" in job_id:
+            assert r["ok"], r
+        else:
+            assert r["error"]["type"] == "smtp_auth" and r["attempts"] == 1, r
+            assert "***" in r["error"]["message"], r  # the server did quote it: scrubbed
+    for mech, peer in servers.items():
+        assert set(peer.recorder.mechanisms) == {mech.upper()}
+        assert len(peer.recorder.deliveries) == 2
+    blob = run.stdout + run.stderr
+    for password in (right, wrong):
+        forms = [
+            *secret_forms(password, user),
+            base64.b64encode(f"\0{user}\0{password}".encode()),
+        ]
+        for form in forms:
+            assert form not in blob, (password, form, blob[max(0, blob.find(form) - 200) :][:400])
 
 
 def _free_port() -> int:
