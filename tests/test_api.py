@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.resources
 import inspect
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
+import tomllib
 import warnings
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -559,22 +563,74 @@ asyncio.run(main())
 """
 
 
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fetcher's wheel, built from the files the Dockerfile copies (the source tree stays clean)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "fetcher", src / "fetcher", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    (built,) = out.glob("fetcher-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory the wheel is installed into, as pip lays out site-packages."""
+    site = tmp_path_factory.mktemp("site")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+         "--target", str(site), str(wheel)],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    return site
+
+
+def test_py_typed_ships() -> None:
+    """PEP 561: without the marker, type checkers ignore fetcher's annotations."""
+    assert importlib.resources.files("fetcher").joinpath("py.typed").is_file()
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["fetcher"]
+
+
+def test_wheel_contains_py_typed(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as whl:
+        assert "fetcher/py.typed" in whl.namelist()
+
+
 @pytest.mark.parametrize(
     "plugin",
     ["pydantic.mypy", None],
 )
-def test_precise_types_for_a_strict_mypy_user(tmp_path: Path, plugin: str | None) -> None:
+def test_precise_types_for_a_strict_mypy_user(
+    tmp_path: Path, installed: Path, plugin: str | None
+) -> None:
     example = tmp_path / "example.py"
     example.write_text(textwrap.dedent(TYPED_EXAMPLE))
     config = tmp_path / "mypy.ini"
     config.write_text("[mypy]\nstrict = True\n" + (f"plugins = {plugin}\n" if plugin else ""))
     command = [sys.executable, "-m", "mypy", "--config-file", str(config), str(example)]
+    # fetcher as a user has it: installed from the wheel, found on sys.path like site-packages,
+    # where mypy reads a package's types only if it has py.typed. (The editable install of the
+    # development venv is an import hook mypy cannot follow, and MYPYPATH would skip the check.)
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
     proc = subprocess.run(
         [*command, "--cache-dir", os.devnull],
         capture_output=True,
         cwd=tmp_path,
-        # An editable install is an import hook mypy cannot follow: point it at the source.
-        env={**os.environ, "MYPYPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(installed)},
         timeout=120,
         check=False,
     )
