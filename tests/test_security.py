@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
+import threading
 import urllib.parse
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,6 +159,62 @@ async def test_tls_self_signed_is_refused_then_accepted_with_ca_bundle(
         other = peer.url.replace("127.0.0.1", "127.0.0.2")
         r = await run_one(s, {"id": "t3", "url": other + "/echo"})
         assert r["error"] is not None and r["error"]["type"] in ("tls", "connect"), r
+
+
+def _tls_1_1_server(ca: trustme.CA) -> ssl.SSLContext:
+    """A server context that offers TLS 1.1 at most; skips when this OpenSSL cannot do 1.1."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSVersion.TLSv1_1 is, rightly
+        ctx = server_ctx(ca, max_version=ssl.TLSVersion.TLSv1_1)
+        client = ssl.create_default_context()
+        ca.configure_trust(client)
+        client.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        client.maximum_version = ssl.TLSVersion.TLSv1_1
+        client.set_ciphers("ALL:@SECLEVEL=0")
+    # Both ends willing: a handshake here shows the library can speak TLS 1.1 at all.
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    with a, b:
+        server = threading.Thread(target=_accept_once, args=(ctx, a), daemon=True)
+        server.start()
+        try:
+            with client.wrap_socket(b, server_hostname="127.0.0.1") as tls:
+                version = tls.version()
+        except (ssl.SSLError, OSError) as exc:
+            pytest.skip(f"the local OpenSSL cannot offer TLS 1.1 ({exc}); nothing to refuse")
+        finally:
+            server.join(5)
+    assert version == "TLSv1.1"
+    return ctx
+
+
+def _accept_once(ctx: ssl.SSLContext, sock: socket.socket) -> None:
+    try:
+        with ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=True):
+            pass
+    except (ssl.SSLError, OSError):
+        pass
+
+
+async def test_default_run_refuses_a_tls_1_1_server(ca: trustme.CA, tmp_path: Path) -> None:
+    """With no tls settings the run hands aiohttp ``ssl=True`` (its own default context): that
+    path must refuse a server stuck at TLS 1.1 as ``tls`` too, not only our own context."""
+    old_ctx = _tls_1_1_server(ca)
+    # The CA is trusted the way a system CA is (SSL_CERT_FILE), so no tls key is set and the
+    # only thing wrong with the server is its TLS version.
+    env = {"SSL_CERT_FILE": str(tmp_path / "ca.pem")}
+    ca.cert_pem.write_to_path(env["SSL_CERT_FILE"])
+    with blocking_tls_server(server_ctx(ca)) as good, blocking_tls_server(old_ctx) as old:
+        jobs = [{"id": "good", "url": good.url + "/"}, {"id": "old", "url": old.url + "/"}]
+        path = write_jobs(tmp_path / "jobs.jsonl", jobs)
+        run = await run_cli("run", str(path), env=env)
+        assert len(old.seen) == 0
+    results = {r["id"]: r for r in run.results}
+    assert results["good"]["ok"], results["good"]  # the trust works: the version is the fault
+    r = results["old"]
+    assert r["error"]["type"] == "tls" and r["attempts"] == 1, r
+    assert run.code == 1, run
 
 
 def test_tls_minimum_version_is_1_2(tls_files: dict[str, Path]) -> None:
