@@ -2,18 +2,25 @@
 
 JSONL is read in batches in a thread so that a slow pipe on stdin never blocks the event loop,
 and only one batch is held at a time: a ten-million-line file costs no more memory than a short
-one. YAML has no streaming form worth the name, so a YAML job file is loaded whole (keep those
+one. A regular file is read BATCH_LINES lines a batch (the fastest way through a big file); a pipe
+or terminal gives whatever lines have arrived, so a job piped in runs at once, not when 2048 more
+have come. YAML has no streaming form worth the name, so a YAML job file is loaded whole (keep those
 small; use JSONL for big batches).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
+import os
+import queue
+import stat
 import sys
+import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any, BinaryIO
 
 import orjson
@@ -24,6 +31,8 @@ from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 
 SUFFIXES = (".jsonl", ".ndjson", ".yaml", ".yml")
 BATCH_LINES = 2048
+#  The most a pipe read asks for at once (a Linux pipe holds 64 KiB).
+PIPE_READ_BYTES = 64 * 1024
 #  A job line longer than this is refused (and skipped without being held in memory).
 MAX_LINE_BYTES = 4 * 1024 * 1024
 #  YAML aliases let a few lines describe billions of nodes; a job file needs few of them.
@@ -33,6 +42,7 @@ MAX_YAML_ALIASES = 1000
 MAX_YAML_NODES = 1_000_000
 
 Item = HttpJob | MailJob | InvalidJob
+Line = tuple[int, bytes | None]
 
 
 def job_format(path: str) -> str:
@@ -97,13 +107,30 @@ class JobSource:
                     if select is None or select(item.line):
                         yield item
             else:
-                lines = self._lines()
-                while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
-                    for lineno, raw in batch:
-                        if select is None or select(lineno):
-                            yield self._parse_line(lineno, raw)
+                # Closed with the source, so that a stream's reader thread is told to end.
+                async with contextlib.aclosing(self._batches()) as batches:
+                    async for batch in batches:
+                        for lineno, raw in batch:
+                            if select is None or select(lineno):
+                                yield self._parse_line(lineno, raw)
         finally:
             self.close()
+
+    async def _batches(self) -> AsyncGenerator[list[Line], None]:
+        # A .gz decompressor already holds data read ahead of the descriptor: it is read in
+        # batches like a file (on a pipe, a batch then waits for its lines to come).
+        fd = None if self.path.endswith(".gz") else _stream_fd(self._file)
+        if fd is None:
+            lines = self._lines()
+            while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
+                yield batch
+            return
+        reader = _StreamReader(fd, self.path)
+        try:
+            while batch := await reader.batch():
+                yield batch
+        finally:
+            reader.close()
 
     def __iter__(self) -> Iterator[Item]:
         """Synchronous reading, for ``fetcher validate`` and other callers without a loop."""
@@ -116,7 +143,7 @@ class JobSource:
         finally:
             self.close()
 
-    def _lines(self) -> Iterator[tuple[int, bytes | None]]:
+    def _lines(self) -> Iterator[Line]:
         # A file can fail part way (a truncated .gz, an I/O error): stop the run with the
         # reason rather than end it early as if the file were complete.
         try:
@@ -183,7 +210,7 @@ def merge_defaults(defaults: dict[str, Any], job: Any) -> Any:
     return merged
 
 
-def _numbered_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
+def _numbered_lines(f: BinaryIO) -> Iterator[Line]:
     """(line number, line) for every non-blank line; None for a line too long to hold."""
     lineno = 0
     readline = f.readline
@@ -203,13 +230,141 @@ def _numbered_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
             yield lineno, raw
 
 
-def _take(it: Iterator[tuple[int, bytes | None]], n: int) -> list[tuple[int, bytes | None]]:
+def _take(it: Iterator[Line], n: int) -> list[Line]:
     batch = []
     for item in it:
         batch.append(item)
         if len(batch) == n:
             break
     return batch
+
+
+def _stream_fd(f: BinaryIO) -> int | None:
+    """The descriptor of a pipe, terminal or socket to read as it comes; None for a regular file
+    (or anything without a descriptor), which is read in full batches."""
+    try:
+        fd = f.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return None if stat.S_ISREG(mode) else fd
+
+
+class _StreamReader:
+    """Batches of the lines that have arrived on a pipe, read by a daemon thread on request.
+
+    A blocked read of a pipe cannot be cancelled, and ``asyncio.to_thread`` threads are waited
+    for when the loop closes: a run stopped by a signal would hang until the writer of stdin
+    closed it. This thread is a daemon that nothing waits for, and it reads a duplicate of the
+    descriptor, so closing the source never leaves it reading a reused one. It reads only when
+    asked, so one batch at a time is in memory.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = os.dup(fd)
+        self._path = path
+        self._loop = asyncio.get_running_loop()
+        self._lines = _LineSplitter()
+        self._requests: queue.SimpleQueue[asyncio.Future[list[Line]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="fetcher-jobs", daemon=True)
+        self._thread.start()
+
+    async def batch(self) -> list[Line]:
+        """The next lines: at least one, as many as one read brought; [] at the end."""
+        future: asyncio.Future[list[Line]] = self._loop.create_future()
+        self._requests.put(future)
+        return await future
+
+    def close(self) -> None:
+        # The thread ends at its next request; one blocked in a read stays so until exit.
+        self._requests.put(None)
+
+    def _serve(self) -> None:
+        try:
+            while (future := self._requests.get()) is not None:
+                try:
+                    lines: list[Line] | BaseException = self._read_batch()
+                except JobFileError as exc:
+                    lines = exc
+                try:
+                    self._loop.call_soon_threadsafe(_settle, future, lines)
+                except RuntimeError:
+                    return  # the loop is closed: nobody is waiting any more
+                if not lines or isinstance(lines, BaseException):
+                    return
+        finally:
+            os.close(self._fd)
+
+    def _read_batch(self) -> list[Line]:
+        while True:
+            try:
+                chunk = os.read(self._fd, PIPE_READ_BYTES)
+            except OSError as exc:
+                raise JobFileError(f"cannot read job file {self._path}: {exc.strerror}") from None
+            lines = self._lines.feed(chunk) if chunk else self._lines.end()
+            if lines or not chunk:
+                return lines
+
+
+def _settle(future: asyncio.Future[list[Line]], outcome: list[Line] | BaseException) -> None:
+    if future.done():
+        return  # cancelled: the run stopped reading
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class _LineSplitter:
+    """Cuts a stream of chunks into numbered lines, exactly as ``_numbered_lines`` reads a file:
+    blank lines counted but skipped, a BOM on line 1 dropped, None for a line too long to hold."""
+
+    def __init__(self) -> None:
+        self._lineno = 0
+        self._partial = bytearray()
+        #  Inside a line already reported as too long: drop bytes up to its newline.
+        self._skipping = False
+
+    def feed(self, chunk: bytes) -> list[Line]:
+        out: list[Line] = []
+        start = 0
+        while (end := chunk.find(b"\n", start) + 1) > 0:
+            piece = chunk[start:end]
+            start = end
+            if self._skipping:
+                self._skipping = False
+            elif self._partial:
+                self._partial += piece
+                self._line(bytes(self._partial), out)
+                self._partial.clear()
+            else:
+                self._line(piece, out)
+        if start < len(chunk) and not self._skipping:
+            self._partial += chunk[start:]
+            if len(self._partial) > MAX_LINE_BYTES:
+                self._partial.clear()
+                self._skipping = True
+                self._lineno += 1
+                out.append((self._lineno, None))
+        return out
+
+    def end(self) -> list[Line]:
+        """The last line, when the stream did not end with a newline."""
+        out: list[Line] = []
+        if self._partial:
+            self._line(bytes(self._partial), out)
+            self._partial.clear()
+        return out
+
+    def _line(self, raw: bytes, out: list[Line]) -> None:
+        self._lineno += 1
+        if len(raw) - raw.endswith(b"\n") > MAX_LINE_BYTES:
+            out.append((self._lineno, None))
+            return
+        if self._lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if raw.strip():
+            out.append((self._lineno, raw))
 
 
 def _first_line(text: str) -> str:

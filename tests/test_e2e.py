@@ -6,8 +6,11 @@ import gzip
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,6 +273,78 @@ def test_stdin_is_read_with_dash(base_url: str, config: Path) -> None:
     proc = fetcher("run", "-", "-c", config, stdin=data)
     assert proc.returncode == 0, proc.stderr.decode()
     assert sorted(by_id(json_lines(proc.stdout))) == ["s0", "s1", "s2"]
+
+
+def start_on_open_stdin(*args: str | Path) -> subprocess.Popen[bytes]:
+    """`fetcher run - ...` with stdin a pipe the test keeps open, as a producer would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "run", "-", *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+
+
+class StdoutReader:
+    """Reads a process's stdout in a thread (so it never fills the pipe and blocks the process),
+    and tells when a number of lines have come."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self._stream = proc.stdout
+        self.data = b""
+        self._grew = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while chunk := self._stream.read1(65536):
+            with self._grew:
+                self.data += chunk
+                self._grew.notify_all()
+
+    def lines(self, n: int, seconds: float) -> list[dict[str, Any]]:
+        """The first ``n`` result lines, or fail if they do not all come in time."""
+        with self._grew:
+            if not self._grew.wait_for(lambda: self.data.count(b"\n") >= n, seconds):
+                raise AssertionError(f"fewer than {n} result lines in {seconds} s, stdin open")
+            return json_lines(b"".join(self.data.splitlines(keepends=True)[:n]))
+
+
+def test_a_job_piped_in_runs_while_stdin_stays_open(base_url: str, config: Path) -> None:
+    with start_on_open_stdin("-c", config, "--no-progress") as proc:
+        assert proc.stdin is not None
+        try:
+            stdout = StdoutReader(proc)
+            proc.stdin.write(orjson.dumps({"id": "first", "url": f"{base_url}/ok"}) + b"\n")
+            proc.stdin.flush()
+            (result,) = stdout.lines(1, 5)
+            assert result["id"] == "first" and result["ok"] is True
+            proc.stdin.close()
+            assert proc.wait(timeout=10) == 0
+        finally:
+            proc.kill()
+
+
+def test_sigterm_with_stdin_still_open_exits_143_promptly(base_url: str, config: Path) -> None:
+    with start_on_open_stdin("-c", config, "--no-progress") as proc:
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            stdout = StdoutReader(proc)
+            # A full batch (2048 lines): even a reader that waits for whole batches starts.
+            job = orjson.dumps({"url": f"{base_url}/ok"}) + b"\n"
+            proc.stdin.write(job * 2048)
+            proc.stdin.flush()
+            # Every job done: all that is left is reading stdin for more.
+            stdout.lines(2048, 10)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 143  # not after shutdown_grace (10 s), nor at EOF
+            assert time.monotonic() - sent < 3
+            assert b"Traceback" not in proc.stderr.read()
+        finally:
+            proc.kill()
 
 
 def test_gzip_job_file(base_url: str, tmp_path: Path, config: Path) -> None:

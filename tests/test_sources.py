@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
+import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import pytest
@@ -145,6 +149,73 @@ async def test_truncated_gzip_fails_the_async_reader_too(tmp_path: Path) -> None
     path = truncated_gzip(tmp_path / "jobs.jsonl.gz", 50_000)
     with pytest.raises(JobFileError, match=r"cannot read job file .*jobs\.jsonl\.gz"):
         await read_async(path)
+
+
+@pytest.fixture
+def stdin_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[BinaryIO]:
+    """Standard input replaced by a pipe; yields its write end (unbuffered), closed at the end."""
+    r, w = os.pipe()
+    stdin = io.TextIOWrapper(open(r, "rb"))  # noqa: SIM115 - closed below
+    writer = open(w, "wb", buffering=0)  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stdin", stdin)
+    try:
+        yield writer
+    finally:
+        writer.close()
+        stdin.close()
+
+
+async def test_a_pipe_hands_over_lines_as_they_arrive(stdin_pipe: BinaryIO) -> None:
+    jobs = aiter(JobSource("-", JobParser(environ={})))
+    stdin_pipe.write(b'{"id": "first", "url": "http://a.test/"}\n')
+    try:
+        first = await asyncio.wait_for(anext(jobs), 5)  # not once 2048 lines or EOF have come
+    except TimeoutError:
+        stdin_pipe.close()  # frees a reader blocked on a whole batch: the test fails, not hangs
+        raise
+    assert (first.line, first.id) == (1, "first")
+    stdin_pipe.write(b'\n{"url": "http://b.test/"}\n')
+    second = await asyncio.wait_for(anext(jobs), 5)
+    assert (second.line, second.id) == (3, "3")
+    stdin_pipe.close()
+    assert [item async for item in jobs] == []
+
+
+def write_in_pieces(f: BinaryIO, data: bytes, size: int) -> threading.Thread:
+    """Writes ``data`` to ``f`` ``size`` bytes at a time from a thread, then closes ``f``."""
+
+    def run() -> None:
+        with f:
+            for start in range(0, len(data), size):
+                f.write(data[start : start + size])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 65536])
+async def test_a_pipe_reads_like_a_file_whatever_the_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdin_pipe: BinaryIO, piece: int
+) -> None:
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 100)
+    long_line = orjson.dumps({"url": "http://a.test/", "data": "x" * 500})
+    edge = orjson.dumps({"url": "http://a.test/", "data": "y" * 60})  # exactly at the limit
+    edge += b" " * (100 - len(edge))
+    data = b"\xef\xbb\xbf" + MIXED_JSONL.replace(b"\n", b"\r\n", 1) + b"\n"
+    data += b"\n".join([long_line, edge, edge + b" ", b"", long_line])  # ends without a newline
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(data)
+    writer = write_in_pieces(stdin_pipe, data, piece)
+    from_pipe = await read_async("-")
+    writer.join()
+    assert summary(from_pipe) == summary(read(path))
+    assert summary(from_pipe)[-4:] == [
+        (11, "11", "invalid_job"),
+        (12, "12", "ok"),
+        (13, "13", "invalid_job"),
+        (15, "15", "invalid_job"),
+    ]
 
 
 def test_stdin_is_jsonl(monkeypatch: pytest.MonkeyPatch) -> None:
