@@ -131,7 +131,8 @@ def redis_peer(workdir: Path) -> Iterator[RedisPeer]:
 
 
 class HttpPeer:
-    """Routes: /ok/{name} (200), /status/{code}, /slow/{ms}, /hang/{key} (never answers).
+    """Routes: /ok/{name} (200), /status/{code}, /slow/{ms}, /hang/{key} (never answers),
+    /gate/{gate}/{key} (answers 200 once the test calls ``open_gate(gate)``).
 
     ``hits`` counts requests per path, so a test can tell when a worker has reached a job.
     """
@@ -142,6 +143,7 @@ class HttpPeer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
+        self._gates: dict[str, asyncio.Event] = {}  # used on the server's loop only
 
     @property
     def url(self) -> str:
@@ -158,12 +160,20 @@ class HttpPeer:
         self._thread.join(10)
         close_loop(self._loop)
 
+    def open_gate(self, gate: str) -> None:
+        """Let every request to /gate/{gate}/..., waiting or still to come, have its answer."""
+        self._loop.call_soon_threadsafe(lambda: self._gate(gate).set())
+
+    def _gate(self, gate: str) -> asyncio.Event:
+        return self._gates.setdefault(gate, asyncio.Event())
+
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_get("/ok/{name}", self._ok)
         app.router.add_get("/status/{code}", self._status)
         app.router.add_get("/slow/{ms}", self._slow)
         app.router.add_get("/hang/{key}", self._hang)
+        app.router.add_get("/gate/{gate}/{key}", self._gated)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -194,6 +204,11 @@ class HttpPeer:
         self._count(request)
         await asyncio.sleep(3600)
         return web.Response(text="never\n")
+
+    async def _gated(self, request: web.Request) -> web.Response:
+        self._count(request)
+        await self._gate(request.match_info["gate"]).wait()
+        return web.Response(text="opened\n")
 
 
 @contextlib.contextmanager

@@ -222,3 +222,41 @@ def _worker_metrics(tmp_path: Path, rds: RedisPeer, web: HttpPeer) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_worker_queue_lag_counts_the_backlog(tmp_path: Path, web: HttpPeer) -> None:
+    """50 jobs held at a gate, 5 at a time: 45 wait undelivered until the gate opens."""
+    n, concurrency = 50, 5
+    jobs = [{"id": f"g{i}", "url": f"{web.url}/gate/lag/{i}"} for i in range(n)]
+    with redis_peer(tmp_path) as rds:
+        assert enqueue(rds, write_jobs(tmp_path / "jobs.jsonl", jobs)).returncode == 0
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(
+            [*FETCHER, "worker", "--redis", rds.url, "-n", str(concurrency),
+             "--metrics-port", str(port)],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+
+            def queue() -> tuple[float | None, float | None]:
+                status, text = get(f"{base}/metrics")
+                page = samples(text) if status == 200 else {}
+                return (
+                    page.get(("fetcher_queue_lag_entries", ())),
+                    page.get(("fetcher_queue_pending_entries", ())),
+                )
+
+            wait_for(lambda: queue() == (n - concurrency, concurrency), what="the backlog")
+            wait_for(
+                lambda: sum(web.hits[f"/gate/lag/{i}"] for i in range(n)) == concurrency,
+                what="the first jobs at the gate",
+            )
+            web.open_gate("lag")
+            wait_for(lambda: rds.client().xlen("fetcher:results") == n, what="every result")
+            wait_for(lambda: queue() == (0, 0), what="the lag to drop")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            proc.kill()
+            proc.wait()
