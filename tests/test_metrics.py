@@ -16,6 +16,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fetcher import Runner, Settings
+from fetcher import metrics as metrics_module
 from fetcher.errors import JobError
 from fetcher.metrics import Metrics
 from fetcher.pool import Outcome, Pool, RetryPolicy
@@ -51,6 +53,11 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except (urllib.error.URLError, ConnectionError):
         return 0, ""
+
+
+async def aget(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url) as resp:
+        return resp.status, await resp.text()
 
 
 # -- in process --------------------------------------------------------------------------------
@@ -129,6 +136,36 @@ async def test_readyz_fails_until_started_and_on_a_failing_check() -> None:
         async with s.get(f"http://127.0.0.1:{port}/readyz") as resp:
             assert resp.status == 503
             assert (await resp.text()).strip() == "redis: connection refused"
+
+
+async def test_healthz_fails_after_the_event_loop_stalls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop blocked past the threshold answers 503 once it turns again, then recovers."""
+    monkeypatch.setattr(metrics_module, "STALL_SECONDS", 0.3)  # 5 s in production
+    async with Metrics().serve("127.0.0.1", 0) as port, aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{port}/healthz"
+        async with s.get(url) as resp:
+            assert resp.status == 200
+        # Blocks the loop, as a CPU-bound callback would: the heartbeat due within
+        # HEARTBEAT_SECONDS runs at least 1.0 - 0.5 s late.
+        time.sleep(1.0)
+        async with s.get(url) as resp:
+            assert resp.status == 503
+            assert (await resp.text()).startswith("event loop stalled for ")
+        for _ in range(50):  # healthy again from the next heartbeat on
+            await asyncio.sleep(metrics_module.HEARTBEAT_SECONDS / 5)
+            async with s.get(url) as resp:
+                if resp.status == 200:
+                    break
+        assert resp.status == 200
+
+
+async def test_readyz_fails_once_the_session_is_closed() -> None:
+    metrics = Metrics()
+    async with metrics.serve("127.0.0.1", 0) as port, aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{port}/readyz"
+        async with Runner(Settings(), observer=metrics):
+            assert await aget(s, url) == (200, "ready\n")
+        assert await aget(s, url) == (503, "session: http session closed\n")
 
 
 async def test_port_in_use_is_a_setup_error() -> None:
