@@ -31,6 +31,13 @@ from aiohttp import web
 import fetcher
 from fetcher import HttpJob, InvalidJob, JobParser, Result, Runner, Settings, run_sync
 
+from . import smtp_peer as smtp_peers
+from .smtp_peer import Peer as SmtpPeer
+
+# The SMTP server fixtures live in smtp_peer.py; binding them here makes pytest find them.
+smtp_peer = smtp_peers.smtp_peer
+tls_certs = smtp_peers.tls_certs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # --- the export list, as httpx tests its own ----------------------------------------------------
@@ -445,6 +452,40 @@ async def test_break_out_of_the_loop_closes_everything(
     assert peer.connections_seen() >= 8
     assert jobs.read < 100  # read as the pool had room, never ahead
     await _quiet_finish(peer)
+
+
+def established(port: int) -> int:
+    """TCP connections to or from ``port`` on this machine that are still established."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        ports = {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)}
+        count += state == "01" and port in ports
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+async def test_break_out_of_a_mail_loop_closes_the_smtp_connections(
+    smtp_peer: Any, no_stray_warnings: list[warnings.WarningMessage]
+) -> None:
+    peer: SmtpPeer = smtp_peer(data_delay=0.05)
+    settings = fast(concurrency=6, smtp={"default": peer.profile(pool_size=3)})
+    jobs = (
+        {"id": f"m{i}", "kind": "mail", "smtp": "default", "from": "a@example.com",
+         "to": [f"r{i}@example.org"], "subject": "s", "text": "t"}
+        for i in range(10_000)
+    )  # fmt: skip
+    async with Runner(settings) as runner:
+        async for result in runner.run(jobs):
+            assert result.ok, result.error
+            break
+        assert established(peer.port) > 0  # the pool still holds its connections
+    assert peer.recorder.connections >= 1
+    assert established(peer.port) == 0
+    assert len(peer.recorder.deliveries) < 20  # jobs were read as the pool had room
+    await asyncio.sleep(0)
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    assert not others, others
 
 
 async def test_break_then_keep_using_the_runner(peer: CountingServer) -> None:
