@@ -7,11 +7,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import FetcherError, OutputClosed, SetupError
 from .shutdown import install_early_handlers
+
+if TYPE_CHECKING:  # imported where used: `fetcher --help` stays quick
+    from .config import Settings
+    from .runner import RunOptions
 
 log = logging.getLogger("fetcher")
 
@@ -24,17 +28,17 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str) -> tuple[int | None, int]:
-    k, sep, n = text.rpartition("/")
-    if not sep:
-        k, n = "", text
+    from .config import parse_shard
+
     try:
-        count = int(n)
-        index = int(k) if k else None
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected K/N, e.g. 0/4") from None
-    if count < 1 or (index is not None and not 0 <= index < count):
-        raise argparse.ArgumentTypeError("expected 0 <= K < N")
-    return index, count
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _shard_text(text: str) -> str:
+    _shard(text)  # refused here, as a usage error, rather than as a config error later
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="-", metavar="OUT", help="results file, - for stdout"
     )
     add_settings_options(run)
-    run.add_argument("--resume", action="store_true", help="append to OUT, skipping jobs it has")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    # Default None, not False: an absent flag leaves FETCHER_RESUME or the config file's say.
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="append to OUT, skipping jobs it has (off)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replace an existing OUT (off)",
+    )
     run.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -65,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--shard",
-        type=_shard,
+        type=_shard_text,
         metavar="K/N",
         help="run only jobs whose 0-based position modulo N is K (K from $JOB_COMPLETION_INDEX)",
     )
@@ -121,7 +136,7 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {
+    return {
         key: getattr(args, key, None)
         for key in (
             "concurrency",
@@ -132,11 +147,11 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "retries",
             "max_bytes",
             "fsync_interval",
+            "insecure",
+            "metrics_port",
+            "metrics_host",
         )
     }
-    if getattr(args, "insecure", None):
-        overrides["tls"] = {"verify": False}
-    return overrides
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -179,7 +194,7 @@ def _silence_stdout() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .config import Settings, load_settings
-    from .runner import Run, RunOptions
+    from .runner import Run
 
     if args.slice is not None:
         # A child of --processes: the parent already loaded and checked the settings.
@@ -188,50 +203,74 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     else:
         overrides = settings_overrides(args)
-        overrides["processes"] = args.processes
+        overrides.update(
+            processes=args.processes,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=args.progress,
+            shard=args.shard,
+        )
         settings = load_settings(args.config, overrides)
-    shard = None
-    if args.shard is not None:
-        index, count = args.shard
-        if index is None:
-            env = os.environ.get("JOB_COMPLETION_INDEX")
-            if env is None or not env.isdigit() or int(env) >= count:
-                raise SetupError("--shard N needs K/N or $JOB_COMPLETION_INDEX set below N")
-            index = int(env)
-        shard = (index, count)
-    options = RunOptions(
-        jobs=args.jobs,
-        output=args.output,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=args.progress,
-        shard=shard,
-        slice=args.slice,
-        skip_done=args.skip_done,
-        summary=args.slice is None,
-    )
+    options = _run_options(args, settings)
     import uvloop
 
     code: int
+    port = settings.metrics_port
     if settings.processes > 1:
         from .multiproc import ParallelRun
 
-        if args.metrics_port is not None:
+        if port is not None:
             raise SetupError("--metrics-port is not available with --processes yet")
         code = uvloop.run(ParallelRun(settings, options).execute())
-    elif args.metrics_port is None:
+    elif port is None:
         code = uvloop.run(Run(settings, options).execute())
     else:
         from .metrics import Metrics, run_with_metrics
 
         metrics = Metrics()
         run = Run(settings, options, observer=metrics)
-        code = uvloop.run(
-            run_with_metrics(metrics, args.metrics_host, args.metrics_port, run.execute)
-        )
+        code = uvloop.run(run_with_metrics(metrics, settings.metrics_host, port, run.execute))
     if code == 141:
         _silence_stdout()
     return code
+
+
+def _run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
+    from .runner import RunOptions
+
+    if args.slice is not None:
+        # A child of --processes: its settings are the parent's; its flags say what it does.
+        resume, overwrite, progress, shard = bool(args.resume), False, args.progress, args.shard
+    else:
+        resume, overwrite = settings.resume, settings.overwrite
+        progress, shard = settings.progress, settings.shard
+    if resume and overwrite:
+        raise SetupError(
+            "--resume and --overwrite exclude each other (check the flags, "
+            "FETCHER_RESUME / FETCHER_OVERWRITE and the config file's resume / overwrite)"
+        )
+    return RunOptions(
+        jobs=args.jobs,
+        output=args.output,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        shard=None if shard is None else _resolve_shard(shard),
+        slice=args.slice,
+        skip_done=args.skip_done,
+        summary=args.slice is None,
+    )
+
+
+def _resolve_shard(text: str) -> tuple[int, int]:
+    """(K, N) of ``--shard``; K from $JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) if absent."""
+    index, count = _shard(text)
+    if index is None:
+        env = os.environ.get("JOB_COMPLETION_INDEX")
+        if env is None or not env.isdigit() or int(env) >= count:
+            raise SetupError("--shard N needs K/N or $JOB_COMPLETION_INDEX set below N")
+        index = int(env)
+    return index, count
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -273,18 +312,16 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _add_metrics_options(p: argparse.ArgumentParser) -> None:
-    port = os.environ.get("FETCHER_METRICS_PORT") or None
+    # Config keys metrics_port / metrics_host (and FETCHER_METRICS_PORT / _HOST) when not given.
     p.add_argument(
         "--metrics-port",
         type=_positive_int,
-        default=port,
         metavar="PORT",
         help="serve Prometheus /metrics, /healthz and /readyz on this port "
         "(default: $FETCHER_METRICS_PORT, else off)",
     )
     p.add_argument(
         "--metrics-host",
-        default=os.environ.get("FETCHER_METRICS_HOST", "127.0.0.1"),
         metavar="HOST",
         help="address for --metrics-port (127.0.0.1; 0.0.0.0 to be scraped from outside)",
     )
@@ -411,15 +448,14 @@ def _worker(args: argparse.Namespace) -> int:
         output=args.output,
         drain=args.drain,
     )
-    if args.metrics_port is None:
+    port = settings.metrics_port
+    if port is None:
         return int(uvloop.run(Worker(settings, options).execute()))
     from .metrics import Metrics, run_with_metrics
 
     metrics = Metrics(worker=True)
     worker = Worker(settings, options, metrics=metrics)
-    return int(
-        uvloop.run(run_with_metrics(metrics, args.metrics_host, args.metrics_port, worker.execute))
-    )
+    return int(uvloop.run(run_with_metrics(metrics, settings.metrics_host, port, worker.execute)))
 
 
 async def _collect(args: argparse.Namespace) -> int:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -117,6 +125,44 @@ class Settings(BaseSettings):
     proxy: str | None = Field(default=None, repr=False)
     trust_env: bool = False
     smtp: dict[str, SmtpProfile] = Field(default_factory=_default_smtp)
+    # The other options of `fetcher run` (the Python API ignores these; `fetcher worker` reads
+    # only insecure and the metrics keys), so that each can be set here and by FETCHER_<NAME>.
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    #  tls.verify false by another name: the validator below folds it into tls.
+    insecure: bool = False
+    shard: str | None = None  # "K/N", or "N" with K from $JOB_COMPLETION_INDEX
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _insecure_turns_verify_off(cls, data: Any) -> Any:
+        # Everything that verifies certificates then has one key to look at, tls.verify.
+        if not isinstance(data, dict) or not _is_true(data.get("insecure")):
+            return data
+        tls = data.get("tls")
+        if isinstance(tls, TlsSettings):
+            tls = tls.model_copy(update={"verify": False})
+        elif tls is None or isinstance(tls, dict):
+            tls = {**(tls or {}), "verify": False}
+        return {**data, "tls": tls}
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _shard_spec(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)  # `shard: 4` in YAML: N alone
+        if isinstance(v, str):
+            parse_shard(v)
+        return v
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, v: Any) -> Any:
+        # FETCHER_METRICS_PORT= (set but empty) has always meant "no metrics".
+        return None if v == "" else v
 
     @field_validator("resolve")
     @classmethod
@@ -174,6 +220,36 @@ class Settings(BaseSettings):
         if file_data:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=file_data))
         return tuple(sources)
+
+
+_BOOL = TypeAdapter(bool)
+
+
+def _is_true(value: Any) -> bool:
+    """Whether a raw value (a flag's True, a file's true, an environment's "1") reads as true;
+    a value that is not a boolean at all is left for the field's own check to report."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False
+
+
+def parse_shard(text: str) -> tuple[int | None, int]:
+    """``K/N`` as (K, N), or ``N`` as (None, N): K then comes from $JOB_COMPLETION_INDEX.
+
+    Raises ValueError saying what is expected.
+    """
+    k, sep, n = text.rpartition("/")
+    if not sep:
+        k, n = "", text
+    try:
+        count = int(n)
+        index = int(k) if k else None
+    except ValueError:
+        raise ValueError("expected K/N, e.g. 0/4") from None
+    if count < 1 or (index is not None and not 0 <= index < count):
+        raise ValueError("expected 0 <= K < N")
+    return index, count
 
 
 # The config file's contents reach settings_customise_sources (a classmethod) through this.

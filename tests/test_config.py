@@ -184,3 +184,78 @@ def test_proxy_credentials_are_not_repeated_in_the_error() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(overrides={"proxy": "ftp://user:hunter2@proxy.test:21"})
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "value"),
+    [
+        ("resume", "true", True),
+        ("overwrite", "true", True),
+        ("progress", "false", False),
+        ("progress", "true", True),
+        ("insecure", "true", True),
+        ("shard", "1/4", "1/4"),
+        ("shard", "4", "4"),
+        ("processes", "3", 3),
+        ("metrics_port", "9109", 9109),
+        ("metrics_host", "0.0.0.0", "0.0.0.0"),
+    ],
+)
+def test_every_run_option_is_a_config_key_and_an_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, text: str, value: object
+) -> None:
+    assert getattr(load_settings(write(tmp_path, f"{key}: {text}\n")), key) == value
+    monkeypatch.setenv(f"FETCHER_{key.upper()}", text)
+    assert getattr(load_settings(), key) == value
+
+
+def test_run_options_default_to_off_and_auto() -> None:
+    s = load_settings()
+    assert (s.resume, s.overwrite, s.progress, s.insecure) == (False, False, None, False)
+    assert (s.shard, s.metrics_port, s.metrics_host) == (None, None, "127.0.0.1")
+
+
+def test_run_option_precedence_flag_over_env_over_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write(tmp_path, "resume: true\nprogress: false\noverwrite: true\n")
+    monkeypatch.setenv("FETCHER_RESUME", "false")
+    monkeypatch.setenv("FETCHER_OVERWRITE", "false")
+    s = load_settings(cfg, {"overwrite": True, "progress": None})
+    assert s.resume is False  # env beats file
+    assert s.overwrite is True  # flag beats env
+    assert s.progress is False  # an absent flag (None) leaves the file's value
+
+
+@pytest.mark.parametrize("source", ["file", "env", "flag"])
+def test_insecure_is_tls_verify_false_and_keeps_the_other_tls_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    text = "tls:\n  verify: true\n  ca_bundle: /etc/extra.pem\n"
+    overrides: dict[str, Any] = {}
+    if source == "file":
+        text += "insecure: true\n"
+    elif source == "env":
+        monkeypatch.setenv("FETCHER_INSECURE", "1")
+    else:
+        overrides["insecure"] = True
+    s = load_settings(write(tmp_path, text), overrides)
+    assert s.insecure is True and s.tls.verify is False
+    assert s.tls.ca_bundle == Path("/etc/extra.pem")
+
+
+def test_insecure_false_leaves_verification_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FETCHER_INSECURE", "false")
+    assert load_settings().tls.verify is True
+    assert Settings(insecure=True).tls.verify is False  # the Python API too
+
+
+@pytest.mark.parametrize("text", ["4/4", "x/2", "1/0", "-1/3"])
+def test_bad_shard_is_a_config_error(tmp_path: Path, text: str) -> None:
+    msg = config_error(write(tmp_path, f'shard: "{text}"\n'))
+    assert "shard" in msg and "config.yaml" in msg
+
+
+def test_empty_metrics_port_variable_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FETCHER_METRICS_PORT", "")
+    assert load_settings().metrics_port is None

@@ -530,6 +530,124 @@ def test_flag_beats_env_beats_config_file(server: ServerThread, key: str, tmp_pa
     assert server.count(key) == 2 + 4 + 1
 
 
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_overwrite_and_resume_from_the_config_file_or_environment(
+    server: ServerThread, key: str, tmp_path: Path, config: Path, source: str
+) -> None:
+    jobs = write_jsonl(
+        tmp_path / "jobs.jsonl",
+        [{"id": f"r{i}", "url": f"{server.url}/fail/{key}-{i}/200"} for i in range(3)],
+    )
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(orjson.dumps({"id": "r1", "kind": "http", "ok": True}) + b"\n")
+
+    def run_with(name: str) -> subprocess.CompletedProcess[bytes]:
+        if source == "env":
+            return fetcher("run", jobs, "-o", out, "-c", config, env=clean_env(**{name: "1"}))
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(config.read_text() + f"{name.removeprefix('FETCHER_').lower()}: true\n")
+        return fetcher("run", jobs, "-o", out, "-c", cfg)
+
+    proc = run_with("FETCHER_RESUME")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert sorted(r["id"] for r in json_lines(out.read_bytes())) == ["r0", "r1", "r2"]
+    assert server.count(f"{key}-1") == 0  # r1 was already done
+    proc = run_with("FETCHER_OVERWRITE")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(json_lines(out.read_bytes())) == 3  # replaced, not appended to
+    assert server.count(f"{key}-1") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "file"),
+    [
+        (["--resume", "--overwrite"], {}, ""),
+        (["--overwrite"], {"FETCHER_RESUME": "true"}, ""),
+        ([], {"FETCHER_OVERWRITE": "1"}, "resume: true\n"),
+    ],
+)
+def test_resume_with_overwrite_is_a_usage_error(
+    server: ServerThread,
+    key: str,
+    tmp_path: Path,
+    flags: list[str],
+    env: dict[str, str],
+    file: str,
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": f"{server.url}/fail/{key}/200"}])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(file)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "kept"}\n')
+    proc = fetcher("run", jobs, "-o", out, "-c", cfg, *flags, env=clean_env(**env))
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err, err
+    assert out.read_text() == '{"id": "kept"}\n'
+    assert server.count(key) == 0
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_insecure_from_the_config_file_or_environment_warns(
+    base_url: str, tmp_path: Path, config: Path, source: str
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": f"{base_url}/ok"}])
+    env = clean_env(FETCHER_INSECURE="true") if source == "env" else None
+    if source == "file":
+        config.write_text(config.read_text() + "insecure: true\n")
+    proc = fetcher("run", jobs, "-c", config, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"TLS certificate verification is OFF" in proc.stderr
+
+
+def test_progress_from_the_environment_or_the_config_file(
+    base_url: str, tmp_path: Path, config: Path
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": f"{base_url}/slow?delay=0.3"}])
+    proc = fetcher("run", jobs, "-c", config, env=clean_env(FETCHER_PROGRESS="1"))
+    assert b"job/s]" in proc.stderr  # the bar, though stderr is not a terminal
+    config.write_text(config.read_text() + "progress: false\nprogress_interval: 0.05\n")
+    proc = fetcher("run", jobs, "-c", config)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b" done, " not in proc.stderr  # no progress log lines either
+
+
+def test_shard_from_the_config_file_or_environment(
+    base_url: str, tmp_path: Path, config: Path
+) -> None:
+    jobs = write_jsonl(
+        tmp_path / "jobs.jsonl", [{"id": f"s{i}", "url": f"{base_url}/ok"} for i in range(6)]
+    )
+    proc = fetcher("run", jobs, "-c", config, env=clean_env(FETCHER_SHARD="0/3"))
+    assert sorted(by_id(json_lines(proc.stdout))) == ["s0", "s3"]
+    config.write_text(config.read_text() + "shard: 3\n")
+    proc = fetcher("run", jobs, "-c", config, env=clean_env(JOB_COMPLETION_INDEX="2"))
+    assert sorted(by_id(json_lines(proc.stdout))) == ["s2", "s5"]
+
+
+def test_metrics_port_from_the_config_file(
+    base_url: str, tmp_path: Path, config: Path, closed_port: int
+) -> None:
+    import urllib.request
+
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": f"{base_url}/slow?delay=30"}])
+    config.write_text(config.read_text() + f"metrics_port: {closed_port}\n")
+    cmd = [sys.executable, "-m", "fetcher", "run", str(jobs), "-c", str(config)]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, "no /healthz"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{closed_port}/healthz") as r:
+                        assert r.status == 200
+                        break
+                except OSError:
+                    time.sleep(0.05)  # not listening yet: nothing to wait on but the port
+        finally:
+            proc.kill()
+
+
 # --- validate ----------------------------------------------------------------------------------
 
 
