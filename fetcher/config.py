@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     retry_after_max: float = Field(default=60, ge=0)
     shutdown_grace: float = Field(default=10, ge=0)
     fsync_interval: float | None = Field(default=None, gt=0)
-    progress_interval: float = Field(default=10, gt=0)
+    progress_interval: float = Field(default=5, gt=0)
     user_agent: str = f"fetcher/{__version__}"
     headers: dict[str, str] = Field(default_factory=dict)
     resolve: dict[str, str] = Field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import sys
@@ -77,7 +78,11 @@ class Stats:
 
 
 class Progress:
-    """A tqdm bar on a terminal, or a one-line log every ``interval`` seconds otherwise."""
+    """A tqdm bar on a terminal, or a one-line log every ``interval`` seconds otherwise.
+
+    The log line comes from its own loop timer, not from results, so that a run waiting on slow
+    jobs still says how it is doing; a result then costs no clock read either.
+    """
 
     def __init__(
         self, stats: Stats, *, bar: bool, log_interval: float | None, stream: IO[str] = sys.stderr
@@ -85,24 +90,41 @@ class Progress:
         self._stats = stats
         self._stream = stream
         self._interval = log_interval
-        self._next_log = time.monotonic() + (log_interval or 0)
         self._bar: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+        #  Made before its loop ran (fetcher worker): the timer starts at the first result.
+        self._unarmed = False
         if bar:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
             self._bar = tqdm(file=stream, unit="job", dynamic_ncols=True, mininterval=0.2)
+        elif log_interval is not None:
+            try:
+                self._arm(asyncio.get_running_loop())
+            except RuntimeError:
+                self._unarmed = True
 
     def tick(self) -> None:
-        """Called after each result; cheap unless a bar update or log line is due."""
+        """Called after each result; cheap (the log line has its own timer)."""
         if self._bar is not None:
             self._bar.update(1)
-        elif self._interval is not None:
-            now = time.monotonic()
-            if now >= self._next_log:
-                self._next_log = now + self._interval
-                print(self._stats.progress_line(), file=self._stream, flush=True)
+        elif self._unarmed:
+            self._unarmed = False
+            self._arm(asyncio.get_running_loop())
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._interval is not None
+        self._timer = loop.call_later(self._interval, self._log, loop)
+
+    def _log(self, loop: asyncio.AbstractEventLoop) -> None:
+        print(self._stats.progress_line(), file=self._stream, flush=True)
+        self._arm(loop)
 
     def close(self) -> None:
+        self._unarmed = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -648,6 +648,42 @@ def test_metrics_port_from_the_config_file(
             proc.kill()
 
 
+def test_progress_lines_come_while_jobs_are_still_waiting(base_url: str, tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": f"{base_url}/hang"} for _ in range(3)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("progress_interval: 0.2\ntimeout: 1.5\nretries: 0\n")
+    proc = fetcher("run", jobs, "-c", cfg)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert all(r["error"]["type"] == "timeout" for r in json_lines(proc.stdout))
+    # Lines printed before the first job ended: each result used to be the only trigger.
+    waiting = re.findall(rb"^fetcher: 0 done, 0 ok, 0 failed, 0 jobs/s$", proc.stderr, re.M)
+    assert len(waiting) >= 2, proc.stderr.decode()
+
+
+def test_summary_has_counts_failures_by_type_rate_and_percentiles(
+    base_url: str, tmp_path: Path, config: Path, closed_port: int
+) -> None:
+    jobs = write_jsonl(
+        tmp_path / "jobs.jsonl",
+        [
+            {"url": f"{base_url}/ok"},
+            {"url": f"{base_url}/ok"},
+            {"url": f"{base_url}/status/404"},
+            {"url": f"http://127.0.0.1:{closed_port}/", "retries": 0},
+            {"url": "gopher://x.test/"},
+        ],
+    )
+    proc = fetcher("run", jobs, "-c", config)
+    assert proc.returncode == 1
+    (summary,) = proc.stderr.decode().splitlines()
+    assert re.fullmatch(
+        r"fetcher: 5 jobs in \d+\.\d\d s \(\d+ jobs/s\): 2 ok, 3 failed "
+        r"\(connect 1, http_status 1, invalid_url 1\); "
+        r"latency p50 \d+\.\d / p95 \d+\.\d / p99 \d+\.\d ms",
+        summary,
+    ), summary
+
+
 # --- validate ----------------------------------------------------------------------------------
 
 
