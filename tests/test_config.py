@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from fetcher.config import Settings, load_settings
+from fetcher.config import Settings, SmtpProfile, load_settings
 from fetcher.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,11 +55,39 @@ def test_defaults_match_the_spec() -> None:
     assert set(s.smtp) == {"default"} and s.smtp["default"].port == 587
 
 
+def yaml_leaves(node: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted paths of a YAML mapping's keys, down to the values that are not mappings."""
+    leaves: set[str] = set()
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        leaves |= yaml_leaves(value, path + ".") if isinstance(value, dict) and value else {path}
+    return leaves
+
+
+def settings_leaves(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted paths of every settings key; SMTP profiles as the one named ``default``."""
+    leaves: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            leaves |= settings_leaves(kind, path + ".")
+        elif name == "smtp" and model is Settings:
+            leaves |= settings_leaves(SmtpProfile, path + ".default.")
+        else:
+            leaves.add(path)
+    return leaves
+
+
 def test_default_yaml_documents_exactly_the_defaults() -> None:
     path = REPO / "configs" / "default.yaml"
-    data = yaml.safe_load(path.read_text())
-    assert set(data) == set(Settings.model_fields)
+    text = path.read_text()
+    assert yaml_leaves(yaml.safe_load(text)) == settings_leaves(Settings)
     assert load_settings(path) == load_settings()
+    # Every key, nested ones and section headings too, carries a comment on its line.
+    key_line = re.compile(r"^\s*([A-Za-z_]\w*):")
+    uncommented = [line for line in text.splitlines() if key_line.match(line) and " # " not in line]
+    assert uncommented == [], "keys without a one-line comment in configs/default.yaml"
 
 
 def test_precedence_flag_over_env_over_file_over_default(
