@@ -356,4 +356,104 @@ if in_image --env "FETCHER_METRICS_PORT=$dead_port" "$c" -- "${hc[@]}" 2>/dev/nu
   fail "HEALTHCHECK passes with nothing listening on FETCHER_METRICS_PORT"
 fi
 
+# ---- a long-running fetcher in the image: its metrics, and the HEALTHCHECK against them --------
+# The batch run above never loads the worker, the metrics or their dependencies.
+step "worker and metrics modules"
+in_image "$c" -- python3 -c 'import redis, hiredis, prometheus_client, fetcher.worker, fetcher.metrics' \
+  || fail "the worker or metrics modules (or redis, hiredis, prometheus_client) do not import"
+
+step "a running fetcher's /healthz, through the image's HEALTHCHECK"
+# A server that takes connections and never answers: the job stays in flight until it stops.
+hang_port=$(free_port)
+python3 - "$hang_port" >"$work/hang.log" 2>&1 <<'EOF' &
+import socket, sys
+
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+held = []
+while True:
+    held.append(server.accept()[0])
+EOF
+hang_pid=$!
+pids+=("$hang_pid")
+wait_port "$hang_port" || fail "the never-answering server did not start"
+printf '{"id": "slow", "url": "http://127.0.0.1:%s/never", "timeout": 60, "retries": 0}\n' \
+  "$hang_port" >"$data/slow.jsonl"
+
+# Worker mode (what the HEALTHCHECK is for) when redis-server is here; else `fetcher run`.
+if command -v redis-server >/dev/null; then
+  mode=worker
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  wait_port "$redis_port" || fail "redis-server did not start"
+  redis_url=redis://127.0.0.1:$redis_port/0
+  in_image "$c" -- fetcher enqueue /data/slow.jsonl --redis "$redis_url" >"$work/enqueue.txt" 2>&1 || {
+    cat "$work/enqueue.txt" >&2
+    fail "fetcher enqueue failed in the image"
+  }
+  long=(fetcher worker --redis "$redis_url" --drain -o /data/slow-out.jsonl)
+  want_rc=0
+else
+  mode=run
+  echo "redis-server is not installed: fetcher run stands in for fetcher worker" >&2
+  long=(fetcher run /data/slow.jsonl -o /data/slow-out.jsonl)
+  want_rc=1 # the job fails
+fi
+metrics_port=$(free_port)
+# The port only by FETCHER_METRICS_PORT, as the README says to: the HEALTHCHECK reads it there.
+in_image --env "FETCHER_METRICS_PORT=$metrics_port" "$c" -- "${long[@]}" \
+  >"$work/long.out" 2>"$work/long.err" &
+long_pid=$!
+pids+=("$long_pid")
+if ! python3 - "$metrics_port" "$mode" <<'EOF'; then
+import re, sys, time, urllib.request
+
+base, mode = f"http://127.0.0.1:{sys.argv[1]}", sys.argv[2]
+want = [r"fetcher_jobs_in_flight 1(\.0)?"]
+if mode == "worker":
+    want.append(r"fetcher_redis_up 1(\.0)?")
+deadline = time.monotonic() + 60
+page = ""
+while not all(re.search(f"^{w}$", page, re.M) for w in want):
+    if time.monotonic() > deadline:
+        sys.exit(f"/metrics never showed {want}; last page:\n{page}")
+    time.sleep(0.2)
+    try:
+        page = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    except OSError:
+        pass
+for path in ("/healthz", "/readyz"):
+    with urllib.request.urlopen(base + path, timeout=5) as resp:
+        assert resp.status == 200, (path, resp.status)
+print(f"  fetcher {mode}: one job in flight; /healthz and /readyz answer 200", file=sys.stderr)
+EOF
+  cat "$work/long.err" >&2
+  fail "fetcher $mode in the image did not serve its metrics as expected"
+fi
+in_image --env "FETCHER_METRICS_PORT=$metrics_port" "$c" -- "${hc[@]}" \
+  || fail "HEALTHCHECK fails although fetcher $mode answers on /healthz"
+
+# Closing the never-answering server fails the job, which ends the run (and drains the worker).
+kill "$hang_pid"
+wait "$hang_pid" 2>/dev/null || true
+set +e
+wait "$long_pid"
+rc=$?
+set -e
+cat "$work/long.err" >&2
+if grep -q '^Traceback' "$work/long.err"; then
+  fail "fetcher $mode crashed in the image (traceback above)"
+fi
+[ "$rc" = "$want_rc" ] || fail "fetcher $mode exited $rc, expected $want_rc"
+python3 - "$data/slow-out.jsonl" <<'EOF' || fail "fetcher $mode wrote no failed result for the slow job"
+import json, sys
+
+(result,) = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
+assert result["id"] == "slow" and result["ok"] is False, result
+EOF
+if in_image --env "FETCHER_METRICS_PORT=$metrics_port" "$c" -- "${hc[@]}" 2>/dev/null; then
+  fail "HEALTHCHECK passes after fetcher $mode has exited"
+fi
+
 echo "image: $IMAGE (base $BASE), $((size / 1024 / 1024)) MiB" >&2
