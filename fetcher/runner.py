@@ -92,18 +92,40 @@ def early_exit_code(error: OutputError | None, sig: signal.Signals | None) -> in
     return None
 
 
-def open_output(settings: Settings, opts: RunOptions) -> tuple[JsonlWriter, DoneIds | None]:
+class FlushingWriter(JsonlWriter):
+    """The results writer, telling ``on_flush`` each time its buffered lines reached the output.
+
+    A line handed to the writer is only buffered; if the output fails before the next flush,
+    it is never written. A run counts its results once they are flushed, so that the summary
+    after a failed write counts only lines that are in the output.
+    """
+
+    on_flush: Callable[[], None] | None = None
+
+    def flush(self) -> None:
+        super().flush()
+        if self.on_flush is not None:
+            self.on_flush()
+
+
+def open_output(settings: Settings, opts: RunOptions) -> tuple[FlushingWriter, DoneIds | None]:
     """The checks that can still refuse a run (OUT, TLS files), the ids ``--resume`` skips, and
     the opened results writer. Logged once per run: a --processes parent logs, its children not.
+
+    An OUT that cannot be read to resume, or opened, is a setup error (exit 2): nothing ran yet.
     """
     check_output(opts)
     check_tls(settings)
-    done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
-    if opts.skip_done is not None:
-        done = read_done(opts.skip_done)
-    writer = JsonlWriter.open(
-        opts.output, append=opts.resume, fsync_interval=settings.fsync_interval
-    )
+    try:
+        done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
+        if opts.skip_done is not None:
+            done = read_done(opts.skip_done)
+        writer = FlushingWriter.open(
+            opts.output, append=opts.resume, fsync_interval=settings.fsync_interval
+        )
+    except OutputError as exc:
+        raise SetupError(str(exc)) from None
+    assert isinstance(writer, FlushingWriter)  # open() builds its own class
     if opts.slice is None:
         if done is not None:
             log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
@@ -165,6 +187,9 @@ class Run:
             source.close()
             raise
         self._progress = make_progress(self.stats, self.settings, opts.progress)
+        # Results are counted (for progress and the summary) as their lines are flushed.
+        unflushed = self._unflushed = Stats()
+        self._writer.on_flush = lambda: self.stats.absorb(unflushed)
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -190,6 +215,9 @@ class Run:
         if self._output_error is not None:
             return
         assert self._writer is not None
+        # Recorded first, as unflushed: a write() that flushes counts this line with its batch,
+        # and a flush that fails drops it with the rest of the lines that were never written.
+        self._unflushed.record(result)
         try:
             self._writer.write(result)
         except OutputError as exc:
@@ -197,7 +225,6 @@ class Run:
             assert self._pool is not None
             self._pool.abort()
             return
-        self.stats.record(result)
         assert self._progress is not None
         self._progress.tick()
 

@@ -32,6 +32,21 @@ class Stats:
         if result["attempts"]:
             self._hist[bisect.bisect_left(_BOUNDS, result["elapsed_ms"])] += 1
 
+    def absorb(self, other: Stats) -> None:
+        """Add ``other``'s counts to these and empty it (once per written batch, not per job)."""
+        if not other.total:
+            return
+        self.total += other.total
+        self.ok += other.ok
+        self.errors.update(other.errors)
+        hist = self._hist
+        for i, n in enumerate(other._hist):
+            if n:
+                hist[i] += n
+        other.total = other.ok = 0
+        other.errors.clear()
+        other._hist = [0] * len(hist)
+
     @property
     def failed(self) -> int:
         return self.total - self.ok

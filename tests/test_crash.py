@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -172,6 +173,13 @@ def test_device_full_is_one_clear_line_and_nonzero_exit(
     assert done.returncode == 3
     assert b"Traceback" not in done.stderr
     assert b"cannot write results to /dev/full: No space left on device" in done.stderr
+    assert summary_count(done.stderr) == 0  # not one line reached the output
+
+
+def summary_count(stderr: bytes) -> int:
+    """The job count of the run's summary line."""
+    (count,) = re.findall(rb"^fetcher: (\d+) jobs in ", stderr, re.M)
+    return int(count)
 
 
 def _limit_file_size(limit: int) -> None:
@@ -198,3 +206,5 @@ def test_a_write_that_fails_half_way_leaves_only_whole_lines(
     assert 0 < os.path.getsize(out) <= limit
     results = read_results(out)  # whole lines only
     assert len({r["id"] for r in results}) == len(results)
+    # The summary counts the results in the file, not those lost with the failed write.
+    assert summary_count(done.stderr) == len(results)

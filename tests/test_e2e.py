@@ -490,6 +490,20 @@ def test_unreadable_job_file_exits_2(tmp_path: Path, name: str) -> None:
     assert not out.exists() or out.stat().st_size == 0
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_output_that_cannot_be_opened_exits_2_before_any_request(
+    server: ServerThread, key: str, tmp_path: Path, resume: bool
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": f"{server.url}/fail/{key}/200"}])
+    out = tmp_path / "no-such-dir" / "out.jsonl"
+    proc = fetcher("run", jobs, "-o", out, *(["--resume"] if resume else []))
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "no-such-dir" in err, err
+    assert "No such file or directory" in err
+    assert server.count(key) == 0
+
+
 def test_job_file_that_fails_part_way_exits_2_with_one_line(tmp_path: Path) -> None:
     data = b"".join(b'{"url": "ftp://files.test/%d"}\n' % i for i in range(50_000))
     packed = gzip.compress(data)
