@@ -51,25 +51,30 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: f
 def test_signal_drains_then_resume_finishes(
     slow_server: SlowServer, tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
+    tag = tmp_path.name
     jobs = tmp_path / "jobs.jsonl"
-    ids = write_jobs(jobs, slow_server.port, 600, ms=150)
+    ids = write_jobs(jobs, slow_server.port, 3000, ms=150)
     out = tmp_path / "out.jsonl"
-    proc = start("run", jobs, "-o", out, "-n", "40", "--no-progress")
-    wait_for_lines(out, 50, proc)
+    proc = start("run", jobs, "-o", out, "-n", "200", "--no-progress")
+    wait_for_lines(out, 200, proc)
+    slow_server.wait_in_flight(tag, 100)  # a full pool: these must finish, not be cut off
+    started = slow_server.requests[tag]
     sent = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == code, err
-    # In-flight jobs needed ~150 ms to finish: far inside the 10 s grace.
+    # In-flight jobs needed at most 150 ms to finish: far inside the 10 s grace.
     assert time.monotonic() - sent < 5
     assert b"Traceback" not in err
     assert b"--resume" in err
     first = read_results(out)
-    assert 50 <= len(first) < len(ids)
     assert all(r["ok"] for r in first)  # drained jobs finished; none was cut short
+    # Every job that reached the server, those in flight at the signal among them, has its
+    # line: a first signal that cancelled them instead of draining would leave them without.
+    assert started <= len(first) == slow_server.requests[tag] < len(ids)
 
     done = subprocess.run(
-        [*FETCHER, "run", str(jobs), "-o", str(out), "--resume", "-n", "100", "--no-progress"],
+        [*FETCHER, "run", str(jobs), "-o", str(out), "--resume", "-n", "500", "--no-progress"],
         capture_output=True,
         timeout=60,
     )
