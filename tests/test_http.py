@@ -432,6 +432,40 @@ async def test_429_succeeds_on_the_nth_attempt_honouring_retry_after(
     assert server.count(key) == 3
 
 
+async def test_429_with_an_http_date_retry_after_twice_then_200(
+    server: ServerThread, key: str
+) -> None:
+    # /flaky sends Retry-After as an IMF-fixdate (formatdate(usegmt=True), the form
+    # email.utils.format_datetime(usegmt=True) gives) this many seconds ahead.
+    job = http_job(f"{server.url}/flaky/{key}/3?date=1")
+    results: list[dict[str, Any]] = []
+    sleeps: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def one() -> Any:
+        yield job
+
+    # Backoff would wait 50 s (rand pinned to 1): any shorter wait came from the header.
+    policy = RetryPolicy(retries=3, backoff_base=50, backoff_max=50, retry_after_max=60)
+    async with handler() as h:
+        pool = Pool(
+            handlers={"http": h},
+            emit=results.append,
+            concurrency=1,
+            policy=policy,
+            sleep=record_sleep,
+            rand=lambda: 1.0,
+        )
+        await pool.run(one())
+    (result,) = results
+    assert result["ok"] is True and result["status"] == 200 and result["error"] is None
+    assert result["attempts"] == 3
+    assert len(sleeps) == 2 and all(0 <= s <= 1.0 for s in sleeps), sleeps
+    assert server.count(key) == 3
+
+
 async def test_retries_run_out_with_attempts_counted(server: ServerThread, key: str) -> None:
     result, sleeps = await run_pool(http_job(f"{server.url}/fail/{key}/503"), retries=2)
     assert result["ok"] is False
