@@ -22,6 +22,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .config import Settings, TlsSettings
+from .deadline import Deadlines
 from .errors import ConfigError, JobError
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
@@ -164,6 +165,7 @@ class HttpHandler:
             block_private=net.block_private, deny=net.deny_networks, allow=net.allow_networks
         )
         self._resolver = Resolver(settings.resolve)
+        self._deadlines = Deadlines()
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -188,7 +190,7 @@ class HttpHandler:
             connector=connector,
             # Jobs are independent: no cookie carries over from one to another.
             cookie_jar=aiohttp.DummyCookieJar(),
-            # The deadline is ours (asyncio.timeout per attempt); aiohttp's `total` would also
+            # The deadline is ours (deadline.py, per attempt); aiohttp's `total` would also
             # count the wait for a free connection (aio-libs/aiohttp#10313).
             timeout=aiohttp.ClientTimeout(total=None),
             headers={"User-Agent": s.user_agent, **s.headers},
@@ -205,6 +207,7 @@ class HttpHandler:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._deadlines.close()
         if self._session is not None:
             await self._session.close()
         await self._resolver.close()
@@ -226,30 +229,34 @@ class HttpHandler:
         timeout = job.timeout or self._timeout
         outcome: Outcome | None = None
         started = time.monotonic() if self._adaptive is not None else 0.0
+        # The deadline starts once this job holds its host slot: waiting behind other jobs
+        # to the same host is not the server's fault.
+        task = self._deadlines.start(timeout)
         try:
-            # The deadline starts once this job holds its host slot: waiting behind other jobs
-            # to the same host is not the server's fault.
-            async with asyncio.timeout(timeout):
-                async with self.session.request(
-                    job.method,
-                    url,
-                    headers=job.headers or None,
-                    params=job.params or None,
-                    json=job.json_body if job.has_json else None,
-                    data=job.data,
-                    allow_redirects=job.allow_redirects,
-                    # aiohttp raises on reaching its limit (and takes 0 as "no limit"):
-                    # one more lets exactly max_redirects redirects through.
-                    max_redirects=self._max_redirects + 1,
-                ) as resp:
-                    outcome = await self._read(job, resp)
-                    return outcome
+            async with self.session.request(
+                job.method,
+                url,
+                headers=job.headers or None,
+                params=job.params or None,
+                json=job.json_body if job.has_json else None,
+                data=job.data,
+                allow_redirects=job.allow_redirects,
+                # aiohttp raises on reaching its limit (and takes 0 as "no limit"):
+                # one more lets exactly max_redirects redirects through.
+                max_redirects=self._max_redirects + 1,
+            ) as resp:
+                outcome = await self._read(job, resp)
+                return outcome
         except asyncio.CancelledError:
-            raise
+            if not self._deadlines.passed(task):
+                raise
+            outcome = self._failure(job, TimeoutError(), resp, timeout)
+            return outcome
         except Exception as exc:  # noqa: BLE001 - classified below, anything else re-raised
             outcome = self._failure(job, exc, resp, timeout)
             return outcome
         finally:
+            self._deadlines.stop(task)
             if self._adaptive is not None and outcome is not None:
                 _feedback(self._adaptive, host, resp, outcome, started)
             if self._limit_hosts:
