@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from .config import Settings
 from .http import HttpHandler
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
-from .pool import Handler, Pool, RetryPolicy
+from .pool import Handler, Outcome, Pool, RetryPolicy
 from .schema import ErrorInfo
 
 JobInput = dict[str, Any] | HttpJob | MailJob
@@ -144,12 +144,42 @@ async def build_handlers(
     settings: Settings, stack: contextlib.AsyncExitStack
 ) -> dict[str, Handler]:
     """One handler per job kind, each closed when ``stack`` closes."""
-    from .mail import MailHandler
-
     return {
         "http": await stack.enter_async_context(HttpHandler(settings)),
-        "mail": await stack.enter_async_context(MailHandler(settings)),
+        "mail": _MailOnFirstUse(settings, stack),
     }
+
+
+class _MailOnFirstUse:
+    """The mail handler, built when the first mail job arrives.
+
+    Most runs hold no mail job at all: they are spared importing aiosmtplib and the email
+    package (about a tenth of fetcher's start-up) and the SMTP pools' reaper task.
+    """
+
+    def __init__(self, settings: Settings, stack: contextlib.AsyncExitStack) -> None:
+        self._settings = settings
+        self._stack = stack
+        self._handler: Handler | None = None
+        self._opening: asyncio.Lock | None = None
+
+    async def attempt(self, job: Any) -> Outcome:
+        handler = self._handler
+        if handler is None:
+            handler = await self._open()
+        return await handler.attempt(job)
+
+    async def _open(self) -> Handler:
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # many workers may meet their first mail job at once
+            if self._handler is None:
+                from .mail import MailHandler
+
+                mail: Handler = await self._stack.enter_async_context(MailHandler(self._settings))
+                self._handler = mail
+                return mail
+            return self._handler
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
