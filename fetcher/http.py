@@ -268,16 +268,17 @@ class HttpHandler:
         length = resp.content_length
         # Content-Length is the size on the wire; only without an encoding is it the body's size.
         # A HEAD response (and a 204 or 304) has no body, whatever its Content-Length says.
+        plain = "content-encoding" not in fields["headers"]
         if (
             length is not None
             and length > max_bytes
-            and "Content-Encoding" not in resp.headers
+            and plain
             and job.method != "HEAD"
             and resp.status not in (204, 304)
         ):
             resp.close()
             return _too_large(fields, max_bytes)
-        if length is not None and "Content-Encoding" not in resp.headers:
+        if length is not None and plain:
             # The common case: the parser stops at Content-Length, just checked against
             # max_bytes, so one read is bounded (and cheaper than a loop of chunks).
             body: bytes | None = await resp.read()
@@ -358,9 +359,13 @@ def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, An
         for name, value in raw.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    url = mask_url(job.url)
+    final = resp.url
     return {
-        "url": mask_url(job.url),
-        "final_url": mask_url(str(resp.url)),
+        "url": url,
+        # Not redirected and not rewritten (no params, no fragment, no credentials): the URL
+        # requested, already masked, spares formatting the URL object again.
+        "final_url": url if final is job.target else mask_url(str(final)),
         "method": job.method,
         "status": resp.status,
         "headers": headers,
