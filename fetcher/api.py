@@ -31,13 +31,16 @@ from collections.abc import (
     Callable,
     Iterable,
 )
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Settings
 from .http import HttpHandler
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 from .pool import Handler, Outcome, Pool, RetryPolicy
-from .schema import ErrorInfo
+
+if TYPE_CHECKING:
+    # Only for annotations: the schema module builds the result models, which a run never uses.
+    from .schema import ErrorInfo
 
 JobInput = dict[str, Any] | HttpJob | MailJob
 """A job as a JSON-like dict (the job-file format) or a validated HttpJob / MailJob."""

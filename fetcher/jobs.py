@@ -81,7 +81,9 @@ ParamValue = str | int | float | bool
 
 class _Job(BaseModel):
     # strict: a job file's types are exact ("retries": "3" is a wrong type, not 3).
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, strict=True, defer_build=True
+    )
 
     id: str
     timeout: float | None = Field(default=None, gt=0)
