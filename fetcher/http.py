@@ -108,6 +108,11 @@ def _tls_reason(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or str(exc)
 
 
+#  Printed once per run, by `fetcher run` and by `fetcher worker`, however verification was
+#  turned off (--insecure, FETCHER_INSECURE, insecure or tls.verify in the config).
+INSECURE_WARNING = "TLS certificate verification is OFF (--insecure): responses may be forged"
+
+
 def check_tls(settings: Settings) -> None:
     """Fail now, before any output is opened, when the TLS files of the config are unusable
     (the SMTP profiles' CA bundles too: mail connections load them only when first used)."""

@@ -19,7 +19,7 @@ from . import shutdown
 from .api import Runner, RunObserver, build_handlers
 from .config import Settings
 from .errors import OutputClosed, OutputError, SetupError
-from .http import check_tls
+from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser
 from .pool import Pool
 from .resume import DoneIds, prepare_resume, read_done
@@ -130,7 +130,7 @@ def open_output(settings: Settings, opts: RunOptions) -> tuple[FlushingWriter, D
         if done is not None:
             log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
         if not settings.tls.verify:
-            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
+            log.warning(INSECURE_WARNING)
     return writer, done
 
 

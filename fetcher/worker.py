@@ -39,6 +39,7 @@ from . import shutdown
 from .api import build_handlers, retry_policy
 from .config import Settings
 from .errors import OutputClosed, OutputError
+from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser, mask_url
 from .metrics import Metrics
 from .pool import Pool
@@ -140,10 +141,11 @@ class Worker:
 
     async def execute(self) -> int:
         opts = self.options
+        # As `fetcher run` does: unusable TLS files stop the worker (exit 2) before it touches
+        # Redis or the network, and turning verification off is never silent.
+        check_tls(self.settings)
         if not self.settings.tls.verify:
-            # Word for word the line `fetcher run` prints (runner.open_output): once per worker
-            # process, and never silent, however verification was turned off.
-            log.warning("TLS certificate verification is OFF (--insecure): responses may be forged")
+            log.warning(INSECURE_WARNING)
         if opts.output is not None:
             # A worker that restarts adds to its file rather than replace what it wrote before.
             self._writer = JsonlWriter.open(

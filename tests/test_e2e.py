@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -837,3 +838,20 @@ def test_examples_run_as_the_quick_start_says(
     assert results["hello"]["body"] == (EXAMPLES / "hello.txt").read_text()
     assert results["data"]["body"] == orjson.loads((EXAMPLES / "data.json").read_bytes())
     assert all(r["ok"] for job_id, r in results.items() if job_id != "missing")
+
+
+def test_worker_with_an_unusable_tls_file_exits_2_before_touching_redis(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with socket.socket() as listener:  # a Redis that would record any connection
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        url = f"redis://127.0.0.1:{listener.getsockname()[1]}"
+        env = clean_env(FETCHER_TLS__CA_BUNDLE=str(bad))
+        proc = fetcher("worker", "--redis", url, "--drain", env=env)
+        assert proc.returncode == 2 and proc.stdout == b""
+        err = proc.stderr.decode().strip()
+        assert len(err.splitlines()) == 1 and "tls.ca_bundle" in err, err
+        with pytest.raises(TimeoutError):
+            listener.accept()
