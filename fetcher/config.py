@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -290,12 +289,14 @@ def _expand_tree(node: Any, where: str) -> Any:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    from . import yamlload  # PyYAML is imported only by runs given a config file
+
     try:
         with open(path, "rb") as f:
-            data = yaml.safe_load(f)
+            data = yamlload.load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except yamlload.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"

@@ -24,7 +24,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any, BinaryIO
 
 import orjson
-import yaml
 
 from .errors import JobFileError
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
@@ -35,11 +34,6 @@ BATCH_LINES = 2048
 PIPE_READ_BYTES = 64 * 1024
 #  A job line longer than this is refused (and skipped without being held in memory).
 MAX_LINE_BYTES = 4 * 1024 * 1024
-#  YAML aliases let a few lines describe billions of nodes; a job file needs few of them.
-MAX_YAML_ALIASES = 1000
-#  ... and even a few aliases nest into billions ("billion laughs"): cap the document's size
-#  counted as if every alias were a copy.
-MAX_YAML_NODES = 1_000_000
 
 Item = HttpJob | MailJob | InvalidJob
 Line = tuple[int, bytes | None]
@@ -170,9 +164,11 @@ class JobSource:
         return self._parser.parse(obj, lineno, expand=b"${" in raw)
 
     def _load_yaml(self) -> list[Item]:
+        from . import yamlload  # PyYAML is imported only by runs that read YAML
+
         try:
-            doc = yaml.load(self._file, Loader=_BoundedSafeLoader)
-        except yaml.YAMLError as exc:
+            doc = yamlload.load(self._file)
+        except yamlload.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""
             problem = getattr(exc, "problem", None) or _first_line(str(exc))
@@ -384,57 +380,3 @@ class _LineSplitter:
 
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
-
-
-class _BoundedSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents using more than MAX_YAML_ALIASES aliases."""
-
-    _aliases = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_YAML_ALIASES:
-                event = self.peek_event()  # type: ignore[no-untyped-call]
-                raise yaml.composer.ComposerError(
-                    None, None, f"more than {MAX_YAML_ALIASES} aliases", event.start_mark
-                )
-        return super().compose_node(parent, index)
-
-    def compose_document(self) -> Any:
-        node = super().compose_document()
-        problem = None if node is None else _expansion_problem(node)
-        if problem is not None:
-            raise yaml.composer.ComposerError(None, None, problem, None)
-        return node
-
-
-def _expansion_problem(root: yaml.Node) -> str | None:
-    """Why the node graph is too big once aliases are expanded, or recursive; else None.
-
-    Sizes are memoised per node, so this is linear in the nodes the parser actually built.
-    """
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()  # on the current path: meeting one again means a cycle
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        key = id(node)
-        children: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = node.value
-        elif isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-        if finished:
-            open_nodes.discard(key)
-            size = 1 + sum(sizes[id(child)] for child in children)
-            if size > MAX_YAML_NODES:
-                return f"more than {MAX_YAML_NODES} values once aliases are expanded"
-            sizes[key] = size
-        elif key in open_nodes:
-            return "an alias refers to a node that contains it"
-        elif key not in sizes:
-            open_nodes.add(key)
-            stack.append((node, True))
-            stack.extend((child, False) for child in children if id(child) not in sizes)
-    return None

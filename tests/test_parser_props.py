@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from fetcher.errors import JobFileError
 from fetcher.jobs import HttpJob, InvalidJob, JobParser, MailJob, check_url
-from fetcher.sources import MAX_LINE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, JobSource
+from fetcher.sources import MAX_LINE_BYTES, JobSource
+from fetcher.yamlload import MAX_YAML_ALIASES, MAX_YAML_NODES
 
 from .security_peers import run_cli
 
