@@ -61,24 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_options(run)
     # Default None, not False: an absent flag leaves FETCHER_RESUME or the config file's say.
-    run.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="append to OUT, skipping jobs it has (off)",
-    )
-    run.add_argument(
-        "--overwrite",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="replace an existing OUT (off)",
-    )
-    run.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
-    )
+    for flag, text in (
+        ("--resume", "append to OUT, skipping jobs it has (off)"),
+        ("--overwrite", "replace an existing OUT (off)"),
+        ("--progress", "progress bar on stderr (default: when stderr is a terminal)"),
+    ):
+        run.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     run.add_argument(
         "--shard",
         type=_shard_text,

@@ -13,8 +13,12 @@ from fetcher.deadline import Deadlines
 TICK = 0.01
 
 
-async def _section(deadlines: Deadlines, seconds: float, work: float) -> str:
+async def _section(
+    deadlines: Deadlines, seconds: float, work: float, started: asyncio.Event | None = None
+) -> str:
     task = deadlines.start(seconds)
+    if started is not None:
+        started.set()
     try:
         await asyncio.sleep(work)
         return "done"
@@ -58,21 +62,7 @@ async def test_a_section_that_finishes_in_time_is_never_cancelled_later() -> Non
 async def test_a_cancellation_from_outside_goes_through_even_past_the_deadline() -> None:
     deadlines = Deadlines(tick=TICK)
     started = asyncio.Event()
-
-    async def job() -> str:
-        task = deadlines.start(0.02)
-        started.set()
-        try:
-            await asyncio.sleep(10)
-            return "done"
-        except asyncio.CancelledError:
-            if deadlines.passed(task):
-                return "timeout"
-            raise
-        finally:
-            deadlines.stop(task)
-
-    task = asyncio.create_task(job())
+    task = asyncio.create_task(_section(deadlines, 0.02, 10, started))
     await started.wait()
     # Past the deadline, the sweep cancels the task and so does its owner, before it runs again.
     time.sleep(0.05)
