@@ -581,3 +581,47 @@ async def test_validate_catches_unicode_line_breaks_with_their_lines(tmp_path: P
     for line, field in ((2, "subject"), (4, "headers"), (5, "to")):
         assert any(f"jobs.jsonl:{line}: invalid_job: {field}" in r for r in reports), output
     assert "3 invalid" in output
+
+
+def test_shared_header_objects_never_mix_messages() -> None:
+    """Parsed headers are kept and reused across messages: each message still gets its own."""
+    import email
+    import email.policy
+
+    from fetcher.message import POLICY
+
+    parser = JobParser()
+
+    def mail(i: int, subject: str) -> Any:
+        job = parser.parse(
+            {
+                "id": str(i),
+                "kind": "mail",
+                "from": "Jörg Ü <joerg@example.com>",
+                "to": [f"u{i}@example.org"],
+                "subject": subject,
+                "text": f"body {i}",
+                "headers": {"X-Batch": "nightly", "X-Topic": subject},
+            },
+            i,
+        )
+        assert isinstance(job, MailJob)
+        return job
+
+    built = [build_message(mail(i, f"Grüße {i % 2}")) for i in range(4)]
+    for i, (message_id, data, sender, rcpts) in enumerate(built):
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        assert msg["From"] == "Jörg Ü <joerg@example.com>"
+        assert msg["To"] == f"u{i}@example.org"
+        assert msg["Subject"] == f"Grüße {i % 2}"
+        assert msg["X-Batch"] == "nightly"
+        assert msg["X-Topic"] == msg["Subject"]  # same value, its own header
+        assert msg["Message-ID"] == message_id
+        assert msg.get_content().rstrip() == f"body {i}"
+        assert (sender, rcpts) == ("joerg@example.com", [f"u{i}@example.org"])
+    assert len({message_id for message_id, *_ in built}) == 4
+    # Unique values (a Message-ID, a Subject) do not make the kept headers grow without end.
+    registry: Any = POLICY.header_factory
+    for i in range(registry.MAX_KEPT):
+        build_message(mail(i, f"subject {i}"))
+    assert len(registry._made) <= registry.MAX_KEPT
