@@ -156,8 +156,8 @@ async def build_handlers(
 class _MailOnFirstUse:
     """The mail handler, built when the first mail job arrives.
 
-    Most runs hold no mail job at all: they are spared importing aiosmtplib and the email
-    package (about a tenth of fetcher's start-up) and the SMTP pools' reaper task.
+    Most runs hold no mail job at all: they are spared importing aiosmtplib and starting the
+    SMTP pools' reaper task.
     """
 
     def __init__(self, settings: Settings, stack: contextlib.AsyncExitStack) -> None:

@@ -176,10 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tune_gc() -> None:
-    """Collect garbage less often during a run: a tenth less CPU per job on small responses.
+    """Collect garbage less often during a run: about 6% of a run's CPU on small responses.
 
     What start-up built (modules, models, the parser) lives as long as the process: frozen,
-    the collector never walks it again. Each job makes thousands of short-lived objects, so
+    the collector never walks it again. Each job makes a few hundred short-lived objects, so
     at the default threshold (700) a collection runs every few jobs; at 50,000 one runs every
     few hundred, and the few reference cycles a job leaves are still freed within a second.
     """

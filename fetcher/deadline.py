@@ -1,7 +1,7 @@
 """Per-attempt deadlines for many attempts at once, kept by one periodic timer.
 
 ``asyncio.timeout`` arms a loop timer per attempt; on uvloop arming and cancelling one costs
-about 4 us, a tenth of the whole cost of a small request. Here every attempt in flight is
+about 4 us, a twentieth of the whole cost of a small request. Here every attempt in flight is
 registered with its deadline in a dict, and one timer, every ``TICK`` seconds while attempts
 are in flight, cancels the tasks whose deadline has passed. A deadline so fires up to ``TICK``
 late, which no caller of a whole-attempt timeout can tell from network jitter.

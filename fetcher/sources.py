@@ -122,6 +122,9 @@ class JobSource:
                 # interpreter back and forth between the thread and the loop.
                 while batch := _take(lines, BATCH_LINES):
                     yield batch
+                    # Between batches the loop gets a turn even when no job had to wait (a
+                    # file of refused lines): signals, progress and flushes are not held up.
+                    await asyncio.sleep(0)
                 return
             while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
                 yield batch

@@ -213,3 +213,22 @@ def test_a_write_that_fails_half_way_leaves_only_whole_lines(
     assert len({r["id"] for r in results}) == len(results)
     # The summary counts the results in the file, not those lost with the failed write.
     assert summary_count(done.stderr) == len(results)
+
+
+def test_a_signal_stops_a_file_of_refused_lines_midway(tmp_path: Path) -> None:
+    """Refused lines never wait on the network, yet the loop still hears a signal between
+    batches: the run stops part way, with whole lines, instead of finishing the file first."""
+    jobs = tmp_path / "jobs.jsonl"
+    lines = 400_000
+    jobs.write_bytes(b"not json\n" * lines)
+    out = tmp_path / "out.jsonl"
+    proc = start("run", jobs, "-o", out, "--no-progress")
+    wait_for_lines(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    written = out.read_bytes()
+    assert written.endswith(b"\n")
+    results = [orjson.loads(line) for line in written.splitlines()]
+    assert 0 < len(results) < lines
+    assert {r["error"]["type"] for r in results} == {"invalid_job"}
