@@ -284,17 +284,17 @@ class HttpHandler:
         length = resp.content_length
         # Content-Length is the size on the wire; only without an encoding is it the body's size.
         # A HEAD response (and a 204 or 304) has no body, whatever its Content-Length says.
-        plain = "content-encoding" not in fields["headers"]
+        unencoded = "content-encoding" not in fields["headers"]
         if (
             length is not None
             and length > max_bytes
-            and plain
+            and unencoded
             and job.method != "HEAD"
             and resp.status not in (204, 304)
         ):
             resp.close()
             return _too_large(fields, max_bytes)
-        if length is not None and plain:
+        if length is not None and unencoded:
             # The common case: the parser stops at Content-Length, just checked against
             # max_bytes, so one read is bounded (and cheaper than a loop of chunks).
             body: bytes | None = await resp.read()

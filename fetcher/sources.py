@@ -111,25 +111,26 @@ class JobSource:
             self.close()
 
     async def _batches(self) -> AsyncGenerator[list[Line], None]:
-        # A .gz decompressor already holds data read ahead of the descriptor: it is read in
-        # batches like a file (on a pipe, a batch then waits for its lines to come).
-        fd = None if self.path.endswith(".gz") else _stream_fd(self._file)
-        if fd is None:
+        descriptor = _descriptor(self._file)
+        if descriptor is not None and descriptor[1]:
+            # A file on disk (or its decompressor) answers at once: a batch is read on the
+            # loop in about a millisecond, less than a thread per batch cost in handing the
+            # interpreter back and forth between the thread and the loop.
             lines = self._lines()
-            if _is_regular(self._file):
-                # A file on disk (or its decompressor) answers at once: a batch is read on the
-                # loop in about a millisecond, less than a thread per batch cost in handing the
-                # interpreter back and forth between the thread and the loop.
-                while batch := _take(lines, BATCH_LINES):
-                    yield batch
-                    # Between batches the loop gets a turn even when no job had to wait (a
-                    # file of refused lines): signals, progress and flushes are not held up.
-                    await asyncio.sleep(0)
-                return
+            while batch := _take(lines, BATCH_LINES):
+                yield batch
+                # Between batches the loop gets a turn even when no job had to wait (a
+                # file of refused lines): signals, progress and flushes are not held up.
+                await asyncio.sleep(0)
+            return
+        if descriptor is None or self.path.endswith(".gz"):
+            # A .gz decompressor already holds data read ahead of the descriptor: it is read in
+            # batches in a thread (on a pipe, a batch then waits for its lines to come).
+            lines = self._lines()
             while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
                 yield batch
             return
-        reader = _StreamReader(fd, self.path)
+        reader = _StreamReader(descriptor[0], self.path)
         try:
             while batch := await reader.batch():
                 yield batch
@@ -245,23 +246,14 @@ def _take(it: Iterator[Line], n: int) -> list[Line]:
     return batch
 
 
-def _is_regular(f: BinaryIO) -> bool:
-    """Whether ``f`` (or the file under a decompressor) is a regular file."""
-    try:
-        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _stream_fd(f: BinaryIO) -> int | None:
-    """The descriptor of a pipe, terminal or socket to read as it comes; None for a regular file
-    (or anything without a descriptor), which is read in full batches."""
+def _descriptor(f: BinaryIO) -> tuple[int, bool] | None:
+    """The descriptor under ``f`` (under a decompressor too) and whether it is a regular file,
+    read in full batches; else a pipe, terminal or socket, read as it comes. None without one."""
     try:
         fd = f.fileno()
-        mode = os.fstat(fd).st_mode
-    except (OSError, ValueError, io.UnsupportedOperation):
+        return fd, stat.S_ISREG(os.fstat(fd).st_mode)
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
         return None
-    return None if stat.S_ISREG(mode) else fd
 
 
 class _StreamReader:

@@ -1,6 +1,7 @@
-"""Loading a YAML job file safely: no object tags, and a cap on what aliases can expand to.
+"""Loading YAML (job files and config files) safely: no object tags, and a cap on what
+aliases can expand to.
 
-Imported only when a job file is YAML, so a JSONL run never pays for PyYAML.
+Imported only when a run reads YAML, so a JSONL run without a config file never pays for PyYAML.
 """
 
 from __future__ import annotations
