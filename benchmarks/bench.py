@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _bytecode import compile_package
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FETCHER_BENCH_SHARED", ROOT.parent / "shared" / "bench"))
 SERVER_SH = SHARED / "server.sh"
@@ -215,6 +217,7 @@ def main() -> None:
     p.add_argument("--no-yardstick", action="store_true", help="time fetcher alone")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     args = p.parse_args()
+    compile_package()
 
     server = Server(args.port)
     server.start()

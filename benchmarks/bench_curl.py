@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bytecode import compile_package
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FETCHER_BENCH_SHARED", ROOT.parent / "shared" / "bench"))
 SERVER_SH = SHARED / "server.sh"
@@ -64,6 +66,7 @@ def main() -> None:
     )
     p.add_argument("--path", default="/small.html", help="URL path on the server (/small.html)")
     args = p.parse_args()
+    compile_package()
 
     if not SERVER_SH.exists():
         sys.exit(f"bench_curl: no {SERVER_SH}")

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import redis
+from _bytecode import compile_package
 
 FETCHER = [sys.executable, "-m", "fetcher"]
 
@@ -148,6 +149,7 @@ def main() -> None:
     p.add_argument("--url", default="http://127.0.0.1:8088/small.html")
     p.add_argument("--workers", default="1,2,3")
     a = p.parse_args()
+    compile_package()
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as d:
         tmp = Path(d)
         jobs = tmp / "jobs.jsonl"
