@@ -46,7 +46,8 @@ class Deadlines:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        task: Task | None = asyncio.current_task()
+        # Given the loop, current_task() skips get_running_loop() (and its getpid() syscall).
+        task: Task | None = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a deadline needs a task")
         self._due[task] = loop.time() + seconds

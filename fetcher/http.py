@@ -221,8 +221,13 @@ class HttpHandler:
 
     async def attempt(self, job: HttpJob) -> Outcome:
         url = job.target
-        if url.user is not None and any(
-            name.lower() == "authorization" for name in (*job.headers, *self._settings.headers)
+        # "@" first: a URL without one has no credentials, and yarl decodes them on first read.
+        if (
+            "@" in job.url
+            and url.user is not None
+            and any(
+                name.lower() == "authorization" for name in (*job.headers, *self._settings.headers)
+            )
         ):
             # An explicit Authorization header wins over credentials in the URL, as in curl
             # (aiohttp refuses the two together with a ValueError).

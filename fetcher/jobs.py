@@ -96,7 +96,8 @@ class _Job(BaseModel):
     @property
     def line(self) -> int:
         """1-based line (JSONL) or position (YAML) of the job in its input."""
-        return self._line
+        line: int = self.__pydantic_private__["_line"]  # type: ignore[index]  # as in target
+        return line
 
 
 class HttpJob(_Job):

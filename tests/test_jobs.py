@@ -362,3 +362,20 @@ def test_check_url_accepts_http_and_https() -> None:
     ):
         parsed, reason = check_url(url)
         assert parsed is not None and reason == "", url
+
+
+def test_timestamps_are_the_wall_clock_to_the_millisecond_across_cached_calls() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fetcher.timeutil import utc_now_iso
+
+    seen = []
+    for _ in range(2000):  # many calls land in the same millisecond and reuse its text
+        before = datetime.now(UTC).replace(microsecond=0) - timedelta(milliseconds=1)
+        stamp = utc_now_iso()
+        after = datetime.now(UTC) + timedelta(milliseconds=1)
+        assert ISO_UTC.match(stamp), stamp
+        when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert before <= when <= after, (before, stamp, after)
+        seen.append(stamp)
+    assert seen == sorted(seen)  # never a stale text from an earlier millisecond
