@@ -77,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes", type=int, metavar="P", help="worker processes, one merged output (1)"
     )
     # Internal: how a --processes parent starts its children.
-    run.add_argument("--slice", type=_shard, help=argparse.SUPPRESS)
-    run.add_argument("--skip-done", metavar="OUT", help=argparse.SUPPRESS)
     _add_metrics_options(run)
 
     val = sub.add_parser("validate", help="check a job file without touching the network")
@@ -195,24 +193,18 @@ def _silence_stdout() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import Settings, load_settings
+    from .config import load_settings
     from .runner import Run
 
-    if args.slice is not None:
-        # A child of --processes: the parent already loaded and checked the settings.
-        from .multiproc import SETTINGS_ENV
-
-        settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    else:
-        overrides = settings_overrides(args)
-        overrides.update(
-            processes=args.processes,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=args.progress,
-            shard=args.shard,
-        )
-        settings = load_settings(args.config, overrides)
+    overrides = settings_overrides(args)
+    overrides.update(
+        processes=args.processes,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        shard=args.shard,
+    )
+    settings = load_settings(args.config, overrides)
     options = _run_options(args, settings)
     import uvloop
 
@@ -223,7 +215,9 @@ def _run(args: argparse.Namespace) -> int:
 
         if port is not None:
             raise SetupError("--metrics-port is not available with --processes yet")
-        code = uvloop.run(ParallelRun(settings, options).execute())
+        parallel = ParallelRun(settings, options)
+        parallel.start()  # forks the children, before this process runs a loop
+        code = uvloop.run(parallel.execute())
     elif port is None:
         code = uvloop.run(Run(settings, options).execute())
     else:
@@ -240,12 +234,8 @@ def _run(args: argparse.Namespace) -> int:
 def _run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     from .runner import RunOptions
 
-    if args.slice is not None:
-        # A child of --processes: its settings are the parent's; its flags say what it does.
-        resume, overwrite, progress, shard = bool(args.resume), False, args.progress, args.shard
-    else:
-        resume, overwrite = settings.resume, settings.overwrite
-        progress, shard = settings.progress, settings.shard
+    resume, overwrite = settings.resume, settings.overwrite
+    progress, shard = settings.progress, settings.shard
     if resume and overwrite:
         raise SetupError(
             "--resume and --overwrite exclude each other (check the flags, "
@@ -258,9 +248,6 @@ def _run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         overwrite=overwrite,
         progress=progress,
         shard=None if shard is None else _resolve_shard(shard),
-        slice=args.slice,
-        skip_done=args.skip_done,
-        summary=args.slice is None,
     )
 
 

@@ -63,6 +63,10 @@ class JsonlWriter:
             raise OutputError(f"cannot open output {path}: {exc.strerror}") from None
         return cls(fd, name=path, fsync_interval=fsync_interval)
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def write(self, result: dict[str, Any]) -> None:
         """Queue one result line; raises OutputError once output has failed."""
         self.write_raw(_dumps(result, option=_OPTS))
