@@ -76,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--processes", type=int, metavar="P", help="worker processes, one merged output (1)"
     )
-    # Internal: how a --processes parent starts its children.
     _add_metrics_options(run)
 
     val = sub.add_parser("validate", help="check a job file without touching the network")

@@ -69,6 +69,7 @@ class Child:
         self.fd = fd
         self.returncode: int | None = None
         self.stdout: asyncio.StreamReader | None = None
+        self._ended: asyncio.Future[os.waitid_result | None] | None = None
 
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -78,8 +79,17 @@ class Child:
         self.stdout = reader
 
     async def wait(self) -> int:
+        """The exit code (negative: the signal that killed it), once the child has ended."""
+        if self._ended is None:
+            # A thread waits for the exit without reaping the child; the loop reaps it below,
+            # after setting returncode. Signals are sent only while returncode is None, so
+            # none can reach another process that was given the pid once it was free.
+            self._ended = asyncio.ensure_future(
+                asyncio.to_thread(os.waitid, os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            )
+        await asyncio.shield(self._ended)  # a wait that is cancelled leaves the thread be
         if self.returncode is None:
-            _, status = await asyncio.to_thread(os.waitpid, self.pid, 0)
+            _, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222 - it has ended
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
