@@ -170,3 +170,40 @@ def test_shards_cover_the_job_file_once(slow_server: SlowServer, tmp_path: Path)
     )
     assert bad.returncode == 2
     assert b"JOB_COMPLETION_INDEX" in bad.stderr
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_a_child_killed_mid_run_makes_the_run_incomplete_not_ok(
+    slow_server: SlowServer, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    ids = write_jobs(jobs, slow_server.port, 400, ms=50)
+    out = tmp_path / "out.jsonl"
+    args = [*FETCHER, "run", str(jobs), "-o", str(out), "--processes", "2", "-n", "10"]
+    proc = subprocess.Popen([*args, "--no-progress"], stderr=subprocess.PIPE)
+    slow_server.wait_in_flight(tmp_path.name, 10)
+    children = _children_of(proc.pid)
+    assert len(children) == 2, children
+    os.kill(children[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert b"exited with code -9" in err, err
+    assert b"rerun with --resume" in err, err
+    assert b"Traceback" not in err
+    first = read_results(out)
+    assert len(first) < len(ids)  # the killed child's slice is not all there
+    done = subprocess.run([*args, "--resume", "--no-progress"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert_each_id_once(out, ids)
