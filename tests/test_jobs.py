@@ -365,17 +365,34 @@ def test_check_url_accepts_http_and_https() -> None:
 
 
 def test_timestamps_are_the_wall_clock_to_the_millisecond_across_cached_calls() -> None:
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from fetcher.timeutil import utc_now_iso
 
     seen = []
     for _ in range(2000):  # many calls land in the same millisecond and reuse its text
-        before = datetime.now(UTC).replace(microsecond=0) - timedelta(milliseconds=1)
+        now = datetime.now(UTC)
+        before = now.replace(microsecond=now.microsecond // 1000 * 1000)  # this millisecond
         stamp = utc_now_iso()
-        after = datetime.now(UTC) + timedelta(milliseconds=1)
+        after = datetime.now(UTC)
         assert ISO_UTC.match(stamp), stamp
         when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-        assert before <= when <= after, (before, stamp, after)
+        assert before <= when <= after, (before, stamp, after)  # never an earlier ms's text
         seen.append(stamp)
-    assert seen == sorted(seen)  # never a stale text from an earlier millisecond
+    assert len(set(seen)) > 1  # the run spanned several milliseconds
+
+
+def test_timestamps_follow_the_clock_across_a_second_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fetcher import timeutil
+
+    clock = iter([1_764_547_199_998, 1_764_547_199_998, 1_764_547_199_999, 1_764_547_200_000])
+    monkeypatch.setattr(timeutil.time, "time_ns", lambda: next(clock) * 1_000_000)
+    stamps = [timeutil.utc_now_iso() for _ in range(4)]
+    assert stamps == [
+        "2025-11-30T23:59:59.998Z",
+        "2025-11-30T23:59:59.998Z",
+        "2025-11-30T23:59:59.999Z",
+        "2025-12-01T00:00:00.000Z",
+    ]
