@@ -141,6 +141,21 @@ async def test_url_credentials_work_and_are_masked(tmp_path: Path) -> None:
     assert "s3cr3t" not in (r["final_url"] or "")
 
 
+async def test_an_authorization_header_wins_over_url_credentials() -> None:
+    """As in curl: aiohttp refuses the two together, so the URL's credentials are dropped."""
+    async with recording_server() as peer:
+        url = peer.url.replace("http://", "http://alice:s3cr3t-pw@") + "/echo"
+        job = {"id": "a", "url": url, "headers": {"Authorization": "Bearer t0k"}}
+        first = await run_one(settings(), job)
+        assert first["ok"], first
+        assert peer.seen.requests[0]["headers"]["Authorization"] == "Bearer t0k"
+        # Without credentials in the URL the header goes as it is too.
+        r = await run_one(settings(), {**job, "id": "b", "url": peer.url + "/echo"})
+        assert r["ok"], r
+        assert peer.seen.requests[1]["headers"]["Authorization"] == "Bearer t0k"
+    assert "s3cr3t-pw" not in repr(first)
+
+
 # --- TLS ---------------------------------------------------------------------------------------
 
 
