@@ -319,12 +319,13 @@ def _expand(node: Any, environ: Mapping[str, str]) -> Any:
     return node
 
 
-#  An http(s) URL of only these characters (a lowercase host name or IPv4 address, a path, no
-#  user info, percent-escapes or fragment) is already in the form yarl would encode it to, once
-#  dot segments are ruled out too: it is taken as encoded, which spares yarl's quoting and path
-#  normalization, a third of its parsing cost (tests/test_parser_props.py compares the two).
+#  An http(s) URL of only these characters (a lowercase host name or IPv4 address, a port
+#  without a leading zero, a path; no user info, percent-escapes or fragment) is already in the
+#  form yarl would encode it to, once dot segments are ruled out too: it is taken as encoded,
+#  which spares yarl's quoting and path normalization, a third of its parsing cost
+#  (tests/test_parser_props.py compares the two).
 _CANONICAL_URL = re.compile(
-    r"https?://[a-z0-9.-]+(?::[0-9]{1,5})?/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*"
+    r"https?://[a-z0-9.-]+(?::[1-9][0-9]{0,4})?/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*"
     r"(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*)?\Z"
 )
 
