@@ -126,9 +126,12 @@ class ParallelRun:
         sys.stdout.flush()
         sys.stderr.flush()
         count = self.settings.processes
+        # Stop signals wait while children are forked: a child forgets the parent's pending
+        # signal (the parent forwards it) and a signal sent to it meanwhile is delivered after.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, shutdown.STOP_SIGNALS)
         try:
             for k in range(count):
-                self._children.append(self._fork(k, count))
+                self._children.append(self._fork(k, count, mask))
         except BaseException as exc:
             for child in self._children:
                 child.kill()
@@ -136,8 +139,10 @@ class ParallelRun:
             if isinstance(exc, OSError):
                 raise SetupError(f"cannot start {count} processes: {exc.strerror}") from None
             raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-    def _fork(self, k: int, count: int) -> Child:
+    def _fork(self, k: int, count: int, mask: set[int | signal.Signals]) -> Child:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid:
@@ -146,6 +151,8 @@ class ParallelRun:
         # The child: only its own pipe stays open, as its stdout; the parent's output and the
         # other children's pipes are closed, so that each pipe ends when its reader does.
         try:
+            shutdown.pending.clear()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.setsid()
             os.close(read_fd)
             for child in self._children:
@@ -248,7 +255,6 @@ class ParallelRun:
 
 def _child_main(settings: Settings, options: RunOptions, k: int, count: int) -> int:
     """Slice ``k`` of ``count``, run as one process would, its result lines on stdout."""
-    shutdown.pending.clear()  # the parent forwards any signal that came before the fork
     resume = options.resume and options.output != "-"
     child_options = RunOptions(
         jobs=options.jobs,

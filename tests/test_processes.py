@@ -207,3 +207,24 @@ def test_a_child_killed_mid_run_makes_the_run_incomplete_not_ok(
     done = subprocess.run([*args, "--resume", "--no-progress"], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert_each_id_once(out, ids)
+
+
+def test_sigterm_as_the_children_start_stops_them_all(
+    slow_server: SlowServer, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    ids = write_jobs(jobs, slow_server.port, 400, ms=50)
+    out = tmp_path / "out.jsonl"
+    args = [*FETCHER, "run", str(jobs), "-o", str(out), "--processes", "2", "-n", "10"]
+    proc = subprocess.Popen([*args, "--no-progress"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while len(_children_of(proc.pid)) < 2 and proc.poll() is None:
+        assert time.monotonic() < deadline, "children never started"
+    proc.send_signal(signal.SIGTERM)  # as soon as they exist, before most have fetched
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert b"Traceback" not in err, err
+    assert len(read_results(out)) < len(ids)
+    done = subprocess.run([*args, "--resume", "--no-progress"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert_each_id_once(out, ids)
