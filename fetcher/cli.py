@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import FetcherError, OutputClosed, SetupError
+from .errors import FetcherError, OutputClosed, SetupError, report
 from .shutdown import install_early_handlers
 
 if TYPE_CHECKING:  # imported where used: `fetcher --help` stays quick
@@ -161,15 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _schema(args)
         _tune_gc()
         return _run(args)
-    except SetupError as exc:
-        print(f"fetcher: {exc}", file=sys.stderr)
-        return 2
-    except OutputClosed:
-        _silence_stdout()
-        return 141
     except FetcherError as exc:
-        print(f"fetcher: {exc}", file=sys.stderr)
-        return 3
+        code = report(exc)
+        if isinstance(exc, OutputClosed):
+            _silence_stdout()
+        return code
 
 
 def _tune_gc() -> None:

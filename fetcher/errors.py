@@ -13,7 +13,13 @@ Per-job error *types* are the strings of SPEC.md's table; ``JobError.type`` is o
 
 from __future__ import annotations
 
+import sys
 from typing import Final, Literal, get_args
+
+#  SPEC's exit codes for a command that stops on an expected failure.
+EXIT_USAGE = 2
+EXIT_OUTPUT = 3
+EXIT_PIPE = 141
 
 ErrorType = Literal[
     "invalid_job",
@@ -71,3 +77,12 @@ class JobError(FetcherError):
 
     def to_dict(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message}
+
+
+def report(exc: FetcherError) -> int:
+    """The exit code for an expected failure, its one-line reason printed on stderr (none for
+    a closed output: the reader that went away wanted nothing more)."""
+    if isinstance(exc, OutputClosed):
+        return EXIT_PIPE
+    print(f"fetcher: {exc}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(exc, SetupError) else EXIT_OUTPUT

@@ -334,21 +334,17 @@ def check_url(url: str) -> tuple[URL | None, str]:
     """Parse an http(s) URL; return (URL, "") or (None, reason)."""
     if _CANONICAL_URL.match(url) and "/." not in url:
         u = URL(url, encoded=True)
+    else:
+        if _CONTROL.search(url) or " " in url:
+            return None, "URL contains control characters or spaces"
         try:
-            u.port  # noqa: B018 - a bad port raises only when read
-        except ValueError:
-            return None, "URL has an invalid port"
-        return u, ""
-    if _CONTROL.search(url) or " " in url:
-        return None, "URL contains control characters or spaces"
-    try:
-        u = URL(url)
-    except (ValueError, TypeError):
-        return None, "URL cannot be parsed"
-    if u.scheme not in ("http", "https"):
-        return None, "only absolute http:// and https:// URLs are fetched"
-    if not u.host:
-        return None, "URL has no host"
+            u = URL(url)
+        except (ValueError, TypeError):
+            return None, "URL cannot be parsed"
+        if u.scheme not in ("http", "https"):
+            return None, "only absolute http:// and https:// URLs are fetched"
+        if not u.host:
+            return None, "URL has no host"
     try:
         u.port  # noqa: B018 - a bad port raises only when read
     except ValueError:

@@ -36,14 +36,11 @@ import uvloop
 
 from . import shutdown
 from .config import Settings
-from .errors import FetcherError, OutputClosed, OutputError, SetupError
+from .errors import EXIT_OUTPUT, FetcherError, OutputError, SetupError, report
 from .jobs import JobParser
 from .runner import (
     EXIT_FAILED_JOBS,
     EXIT_OK,
-    EXIT_OUTPUT,
-    EXIT_PIPE,
-    EXIT_USAGE,
     Run,
     RunOptions,
     early_exit_code,
@@ -270,14 +267,8 @@ def _child_main(settings: Settings, options: RunOptions, k: int, count: int) -> 
     run = Run(settings.model_copy(update={"processes": 1}), child_options)
     try:
         return uvloop.run(run.execute())
-    except SetupError as exc:
-        print(f"fetcher: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputClosed:
-        return EXIT_PIPE
     except FetcherError as exc:
-        print(f"fetcher: {exc}", file=sys.stderr)
-        return EXIT_OUTPUT
+        return report(exc)
 
 
 def _summary_fields(line: bytes) -> dict[str, Any]:

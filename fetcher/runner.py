@@ -18,7 +18,7 @@ from typing import Any
 from . import shutdown
 from .api import Runner, RunObserver, build_handlers
 from .config import Settings
-from .errors import OutputClosed, OutputError, SetupError
+from .errors import EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError, SetupError
 from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser
 from .pool import Pool
@@ -33,9 +33,6 @@ __all__ = ["Run", "RunObserver", "RunOptions", "build_handlers"]
 
 EXIT_OK = 0
 EXIT_FAILED_JOBS = 1
-EXIT_USAGE = 2
-EXIT_OUTPUT = 3
-EXIT_PIPE = 141
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

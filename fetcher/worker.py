@@ -38,12 +38,12 @@ import redis.exceptions as rexc
 from . import shutdown
 from .api import build_handlers, retry_policy
 from .config import Settings
-from .errors import OutputClosed, OutputError
+from .errors import EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError
 from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser, mask_url
 from .metrics import Metrics
 from .pool import Pool
-from .runner import EXIT_OK, EXIT_OUTPUT, EXIT_PIPE
+from .runner import EXIT_OK
 from .scaleout import (
     DEFAULT_GROUP,
     DEFAULT_RESULTS,
