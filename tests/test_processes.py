@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -185,46 +185,51 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
-def test_a_child_killed_mid_run_makes_the_run_incomplete_not_ok(
-    slow_server: SlowServer, tmp_path: Path
-) -> None:
+def _interrupt_then_resume(
+    slow_server: SlowServer,
+    tmp_path: Path,
+    interrupt: Callable[[subprocess.Popen[bytes]], None],
+    code: int,
+) -> bytes:
+    """Run 400 jobs in 2 processes, ``interrupt`` the run, check it ended with ``code`` and
+    part of the results, then that a resume completes them; the first run's stderr."""
     jobs = tmp_path / "jobs.jsonl"
     ids = write_jobs(jobs, slow_server.port, 400, ms=50)
     out = tmp_path / "out.jsonl"
     args = [*FETCHER, "run", str(jobs), "-o", str(out), "--processes", "2", "-n", "10"]
     proc = subprocess.Popen([*args, "--no-progress"], stderr=subprocess.PIPE)
-    slow_server.wait_in_flight(tmp_path.name, 10)
-    children = _children_of(proc.pid)
-    assert len(children) == 2, children
-    os.kill(children[0], signal.SIGKILL)
+    interrupt(proc)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 3, err
-    assert b"exited with code -9" in err, err
-    assert b"rerun with --resume" in err, err
-    assert b"Traceback" not in err
-    first = read_results(out)
-    assert len(first) < len(ids)  # the killed child's slice is not all there
-    done = subprocess.run([*args, "--resume", "--no-progress"], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert_each_id_once(out, ids)
-
-
-def test_sigterm_as_the_children_start_stops_them_all(
-    slow_server: SlowServer, tmp_path: Path
-) -> None:
-    jobs = tmp_path / "jobs.jsonl"
-    ids = write_jobs(jobs, slow_server.port, 400, ms=50)
-    out = tmp_path / "out.jsonl"
-    args = [*FETCHER, "run", str(jobs), "-o", str(out), "--processes", "2", "-n", "10"]
-    proc = subprocess.Popen([*args, "--no-progress"], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while len(_children_of(proc.pid)) < 2 and proc.poll() is None:
-        assert time.monotonic() < deadline, "children never started"
-    proc.send_signal(signal.SIGTERM)  # as soon as they exist, before most have fetched
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
     assert b"Traceback" not in err, err
     assert len(read_results(out)) < len(ids)
     done = subprocess.run([*args, "--resume", "--no-progress"], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert_each_id_once(out, ids)
+    return err
+
+
+def test_a_child_killed_mid_run_makes_the_run_incomplete_not_ok(
+    slow_server: SlowServer, tmp_path: Path
+) -> None:
+    def kill_one_child(proc: subprocess.Popen[bytes]) -> None:
+        slow_server.wait_in_flight(tmp_path.name, 10)
+        children = _children_of(proc.pid)
+        assert len(children) == 2, children
+        os.kill(children[0], signal.SIGKILL)
+
+    err = _interrupt_then_resume(slow_server, tmp_path, kill_one_child, 3)
+    assert b"exited with code -9" in err, err
+    assert b"rerun with --resume" in err, err
+
+
+def test_sigterm_as_the_children_start_stops_them_all(
+    slow_server: SlowServer, tmp_path: Path
+) -> None:
+    def sigterm_once_forked(proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + 20
+        while len(_children_of(proc.pid)) < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "children never started"
+        proc.send_signal(signal.SIGTERM)  # as soon as they exist, before most have fetched
+
+    _interrupt_then_resume(slow_server, tmp_path, sigterm_once_forked, 143)
