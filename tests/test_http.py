@@ -6,7 +6,9 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import random
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -399,7 +401,16 @@ async def test_429_retry_after_http_date_is_reported(base_url: str, key: str) ->
     assert out.retry_after is not None and 1.5 <= out.retry_after <= 3.0
 
 
-async def run_pool(job: Any, retries: int, **settings: Any) -> tuple[dict[str, Any], list[float]]:
+async def run_pool(
+    job: Any,
+    retries: int,
+    *,
+    policy: RetryPolicy | None = None,
+    rand: Callable[[], float] = random.random,
+    **settings: Any,
+) -> tuple[dict[str, Any], list[float]]:
+    """``job`` through a one-worker pool; its result and the waits between attempts (not slept:
+    recorded). ``policy`` defaults to short backoffs with ``retries``."""
     results: list[dict[str, Any]] = []
     sleeps: list[float] = []
 
@@ -414,8 +425,9 @@ async def run_pool(job: Any, retries: int, **settings: Any) -> tuple[dict[str, A
             handlers={"http": h},
             emit=results.append,
             concurrency=1,
-            policy=RetryPolicy(retries=retries, backoff_base=0.01, retry_after_max=60),
+            policy=policy or RetryPolicy(retries=retries, backoff_base=0.01, retry_after_max=60),
             sleep=no_sleep,
+            rand=rand,
         )
         await pool.run(one())
     assert len(results) == 1
@@ -438,28 +450,9 @@ async def test_429_with_an_http_date_retry_after_twice_then_200(
     # /flaky sends Retry-After as an IMF-fixdate (formatdate(usegmt=True), the form
     # email.utils.format_datetime(usegmt=True) gives) this many seconds ahead.
     job = http_job(f"{server.url}/flaky/{key}/3?date=1")
-    results: list[dict[str, Any]] = []
-    sleeps: list[float] = []
-
-    async def record_sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-
-    async def one() -> Any:
-        yield job
-
     # Backoff would wait 50 s (rand pinned to 1): any shorter wait came from the header.
     policy = RetryPolicy(retries=3, backoff_base=50, backoff_max=50, retry_after_max=60)
-    async with handler() as h:
-        pool = Pool(
-            handlers={"http": h},
-            emit=results.append,
-            concurrency=1,
-            policy=policy,
-            sleep=record_sleep,
-            rand=lambda: 1.0,
-        )
-        await pool.run(one())
-    (result,) = results
+    result, sleeps = await run_pool(job, retries=3, policy=policy, rand=lambda: 1.0)
     assert result["ok"] is True and result["status"] == 200 and result["error"] is None
     assert result["attempts"] == 3
     assert len(sleeps) == 2 and all(0 <= s <= 1.0 for s in sleeps), sleeps
