@@ -23,12 +23,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
 
 from . import __version__
 from .errors import ConfigError
@@ -89,16 +83,14 @@ def _default_smtp() -> dict[str, SmtpProfile]:
     return {"default": SmtpProfile()}
 
 
-class Settings(BaseSettings):
-    """Everything a run can be told. Keys match the config file and ``FETCHER_<KEY>``."""
+class Settings(BaseModel):
+    """Everything a run can be told. Keys match the config file and ``FETCHER_<KEY>``.
 
-    model_config = SettingsConfigDict(
-        frozen=True,
-        extra="forbid",
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        case_sensitive=False,
-    )
+    Keys not given to the constructor come from ``FETCHER_<KEY>`` environment variables, then
+    from the config file that ``load_settings`` is reading, then from the defaults.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     concurrency: int = Field(default=100, ge=1, le=100_000)
     processes: int = Field(default=1, ge=1, le=256)
@@ -204,21 +196,50 @@ class Settings(BaseSettings):
         # A config that defines only `bulk` still has `default` for jobs that name none.
         return v if "default" in v else {"default": SmtpProfile(), **v}
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Flags arrive as init arguments: they win over the environment, which wins over the file.
-        file_data = _file_data.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if file_data:
-            sources.append(InitSettingsSource(settings_cls, init_kwargs=file_data))
-        return tuple(sources)
+    def __init__(self, **keys: Any) -> None:
+        # Keyword arguments (the flags) win over the environment, which wins over the file.
+        super().__init__(**_deep_update(_file_data.get() or {}, _environment(), keys))
+
+
+def _environment() -> dict[str, Any]:
+    """The settings given as ``FETCHER_*`` environment variables, parsed by pydantic-settings
+    (nested keys as ``FETCHER_TLS__VERIFY``, lists and mappings as JSON).
+
+    pydantic-settings is imported only when such a variable is set: the import costs more than
+    a tenth of a second's work at start-up, a run of 10,000 small jobs spends a few percent of
+    its time on it.
+    """
+    if not any(name[: len(ENV_PREFIX)].upper() == ENV_PREFIX for name in os.environ):
+        return {}
+    from pydantic_settings import EnvSettingsSource, SettingsError
+
+    source = EnvSettingsSource(
+        Settings,  # type: ignore[arg-type]  # reads only model_fields and model_config
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+    try:
+        return source()
+    except SettingsError as exc:  # a list or mapping that is not JSON
+        m = re.search(r'field "(\w+)"', str(exc))
+        key = m.group(1) if m else "?"
+        raise ConfigError(
+            f"config error in environment {ENV_PREFIX}{key.upper()}: {key}: not valid JSON"
+        ) from None
+
+
+def _deep_update(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by each of ``updates`` in turn, mappings merged key by key (a file's
+    ``tls: {ca_bundle: ...}`` and ``FETCHER_TLS__VERIFY`` both hold)."""
+    merged = dict(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = _deep_update(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
 
 
 _BOOL = TypeAdapter(bool)
@@ -251,7 +272,7 @@ def parse_shard(text: str) -> tuple[int | None, int]:
     return index, count
 
 
-# The config file's contents reach settings_customise_sources (a classmethod) through this.
+# The config file's contents reach Settings.__init__ through this, to sit under the environment.
 _file_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "_file_data", default=None
 )

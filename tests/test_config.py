@@ -163,6 +163,22 @@ def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
     assert "FETCHER_CONCURRENCY" in msg and "concurrency" in msg
 
 
+@pytest.mark.parametrize("name", ["FETCHER_HEADERS", "FETCHER_NETWORK", "fetcher_resolve"])
+def test_env_mapping_that_is_not_json_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "{not json")
+    msg = config_error()
+    assert f"environment {name.upper()}: " in msg and "not valid JSON" in msg
+
+
+def test_settings_read_the_environment_only_under_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FETCHER_RETRIES", "7")
+    monkeypatch.setenv("FETCHER_TIMEOUT", "3")
+    s = Settings(timeout=9)  # the Python API, as load_settings: keywords > environment
+    assert (s.retries, s.timeout) == (7, 9)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

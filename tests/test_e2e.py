@@ -472,11 +472,13 @@ def test_bad_flag_value_exits_2(tmp_path: Path) -> None:
     assert "--timeout" in proc.stderr.decode()
 
 
-def test_bad_env_value_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "value"), [("FETCHER_RETRIES", "-3"), ("FETCHER_HEADERS", "x")])
+def test_bad_env_value_exits_2(tmp_path: Path, name: str, value: str) -> None:
     jobs = write_jsonl(tmp_path / "jobs.jsonl", [{"url": "http://127.0.0.1:9/"}])
-    proc = fetcher("run", jobs, env=clean_env(FETCHER_RETRIES="-3"))
+    proc = fetcher("run", jobs, env=clean_env(**{name: value}))
     assert proc.returncode == 2 and proc.stdout == b""
-    assert "FETCHER_RETRIES" in proc.stderr.decode()
+    stderr = proc.stderr.decode()
+    assert name in stderr and len(stderr.splitlines()) == 1, stderr
 
 
 @pytest.mark.parametrize("name", ["missing.jsonl", "jobs.txt", "not-gzip.jsonl.gz"])
