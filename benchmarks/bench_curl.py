@@ -27,34 +27,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _bytecode import compile_package
+from _runs import count_lines, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FETCHER_BENCH_SHARED", ROOT.parent / "shared" / "bench"))
 SERVER_SH = SHARED / "server.sh"
-
-
-def run(cmd: list[str], stdout: Path, stderr: Path) -> tuple[float, int]:
-    """Run ``cmd``; its wall seconds and peak RSS in kB. Exits on a failure."""
-    with open(stdout, "wb") as out, open(stderr, "wb") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.stderr.write(stderr.read_text())
-        sys.exit(f"bench_curl: {cmd[0]} exited {code}")
-    # ru_maxrss of one child; for --processes it is the largest process, not the sum.
-    return wall, usage.ru_maxrss
-
-
-def count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def main() -> None:
@@ -112,13 +92,13 @@ def main() -> None:
             for name, cmd in commands.items():
                 out.unlink(missing_ok=True)
                 stdout = work / "curl.out" if name.startswith("curl") else work / "stdout"
-                wall, peak = run(cmd, stdout, err)
+                sample = timed(cmd, stdout, err, who="bench_curl")
                 lines = count_lines(stdout if name.startswith("curl") else out)
                 if lines != args.jobs:
                     sys.exit(f"bench_curl: {name} wrote {lines} lines for {args.jobs} URLs")
-                walls[name].append(wall)
-                rss[name].append(peak)
-                parts.append(f"{name} {wall:6.2f}s")
+                walls[name].append(sample.wall)
+                rss[name].append(sample.rss_kb)
+                parts.append(f"{name} {sample.wall:6.2f}s")
             print(f"round {r}: " + " | ".join(parts), flush=True)
 
     curl_med = statistics.median(walls["curl --parallel"])
