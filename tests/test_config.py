@@ -172,7 +172,9 @@ def test_env_mapping_that_is_not_json_names_the_variable(
     assert f"environment {name.upper()}: " in msg and "not valid JSON" in msg
 
 
-def test_settings_read_the_environment_only_under_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_read_the_environment_under_their_keyword_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("FETCHER_RETRIES", "7")
     monkeypatch.setenv("FETCHER_TIMEOUT", "3")
     s = Settings(timeout=9)  # the Python API, as load_settings: keywords > environment
