@@ -38,6 +38,7 @@ from . import shutdown
 from .config import Settings
 from .errors import EXIT_OUTPUT, FetcherError, OutputError, SetupError, report
 from .jobs import JobParser
+from .resume import DoneIds
 from .runner import (
     EXIT_FAILED_JOBS,
     EXIT_OK,
@@ -108,6 +109,7 @@ class ParallelRun:
         self._output_error: OutputError | None = None
         self._children: list[Child] = []
         self._writer: JsonlWriter | None = None
+        self._done: DoneIds | None = None  # the ids --resume found in the output
         self._progress: Progress | None = None
 
     def start(self) -> None:
@@ -118,7 +120,7 @@ class ParallelRun:
             raise SetupError("--processes needs a job file: standard input can be read only once")
         # Open (and for YAML, parse) the file once here, so a bad file stops the run with exit 2.
         JobSource(opts.jobs, JobParser(smtp_profiles=self.settings.smtp.keys())).close()
-        self._writer, _ = open_output(self.settings, opts)
+        self._writer, self._done = open_output(self.settings, opts)
         # Flushed now, or a child would inherit, and print again, what is still buffered.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -158,7 +160,7 @@ class ParallelRun:
             os.close(self._writer.fd)
             os.dup2(write_fd, 1)
             os.close(write_fd)
-            code = _child_main(self.settings, self.options, k, count)
+            code = _child_main(self.settings, self.options, k, count, self._done)
         except BaseException:  # noqa: BLE001 - nothing may escape into the parent's code
             traceback.print_exc()
             code = EXIT_INTERNAL
@@ -250,9 +252,11 @@ class ParallelRun:
         return EXIT_OK if self.stats.failed == 0 else EXIT_FAILED_JOBS
 
 
-def _child_main(settings: Settings, options: RunOptions, k: int, count: int) -> int:
-    """Slice ``k`` of ``count``, run as one process would, its result lines on stdout."""
-    resume = options.resume and options.output != "-"
+def _child_main(
+    settings: Settings, options: RunOptions, k: int, count: int, done: DoneIds | None
+) -> int:
+    """Slice ``k`` of ``count``, run as one process would, its result lines on stdout; the
+    jobs in ``done`` (already in the parent's output) are skipped."""
     child_options = RunOptions(
         jobs=options.jobs,
         output="-",
@@ -261,7 +265,7 @@ def _child_main(settings: Settings, options: RunOptions, k: int, count: int) -> 
         progress=False,
         shard=options.shard,
         slice=(k, count),
-        skip_done=options.output if resume else None,
+        skip_done=done,
         summary=False,
     )
     run = Run(settings.model_copy(update={"processes": 1}), child_options)

@@ -22,7 +22,7 @@ from .errors import EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError, SetupErro
 from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser
 from .pool import Pool
-from .resume import DoneIds, prepare_resume, read_done
+from .resume import DoneIds, prepare_resume
 from .sink import JsonlWriter
 from .sources import Item, JobSource
 from .stats import Progress, Stats
@@ -45,9 +45,10 @@ class RunOptions:
     progress: bool | None = None  # None: a bar when stderr is a terminal
     shard: tuple[int, int] | None = None
     #  Set for the child processes of --processes: which slice of the (sharded) jobs is theirs,
-    #  and the results file whose ids they skip (the parent owns and appends to it).
+    #  and the ids the parent found in the results file it owns and appends to (read once, by
+    #  the parent, before it forked them).
     slice: tuple[int, int] | None = None
-    skip_done: str | None = None
+    skip_done: DoneIds | None = None
     summary: bool = True
 
 
@@ -116,7 +117,7 @@ def open_output(settings: Settings, opts: RunOptions) -> tuple[FlushingWriter, D
     try:
         done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
         if opts.skip_done is not None:
-            done = read_done(opts.skip_done)
+            done = opts.skip_done
         writer = FlushingWriter.open(
             opts.output, append=opts.resume, fsync_interval=settings.fsync_interval
         )
