@@ -315,10 +315,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yamlload.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise ConfigError(f"config file {path}{at}: {problem}") from None
+        at, problem = yamlload.describe(exc)
+        raise ConfigError(f"config file {path}{at}: {problem or 'not valid YAML'}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

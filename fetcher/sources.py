@@ -173,9 +173,8 @@ class JobSource:
         try:
             doc = yamlload.load(self._file)
         except yamlload.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or _first_line(str(exc))
+            at, problem = yamlload.describe(exc)
+            problem = problem or _first_line(str(exc))
             raise JobFileError(f"job file {self.path}{at}: not valid YAML: {problem}") from None
         except (OSError, EOFError) as exc:
             raise JobFileError(f"cannot read job file {self.path}: {exc}") from None

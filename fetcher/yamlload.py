@@ -11,7 +11,7 @@ from typing import IO, Any
 import yaml
 from yaml import YAMLError
 
-__all__ = ["MAX_YAML_ALIASES", "MAX_YAML_NODES", "YAMLError", "load"]
+__all__ = ["MAX_YAML_ALIASES", "MAX_YAML_NODES", "YAMLError", "describe", "load"]
 
 #  YAML aliases let a few lines describe billions of nodes; a job file needs few of them.
 MAX_YAML_ALIASES = 1000
@@ -23,6 +23,14 @@ MAX_YAML_NODES = 1_000_000
 def load(stream: IO[bytes]) -> Any:
     """The document in ``stream``, built only of plain data; raises YAMLError."""
     return yaml.load(stream, Loader=_BoundedSafeLoader)
+
+
+def describe(exc: YAMLError) -> tuple[str, str | None]:
+    """Where a YAML error is (" line N", or "" when the parser does not say) and the parser's
+    own words for it (None when it has none)."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f" line {mark.line + 1}" if mark is not None else ""
+    return at, getattr(exc, "problem", None)
 
 
 class _BoundedSafeLoader(yaml.SafeLoader):
