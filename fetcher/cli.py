@@ -189,6 +189,7 @@ def _silence_stdout() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_settings
+    from .fdlimit import fit_open_files
     from .runner import Run
 
     overrides = settings_overrides(args)
@@ -201,6 +202,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     settings = load_settings(args.config, overrides)
     options = _run_options(args, settings)
+    settings = fit_open_files(settings)
     import uvloop
 
     code: int
@@ -414,6 +416,7 @@ def _worker(args: argparse.Namespace) -> int:
     import uvloop
 
     from .config import load_settings
+    from .fdlimit import fit_open_files
     from .worker import Worker, WorkerOptions
 
     settings = load_settings(args.config, settings_overrides(args))
@@ -421,6 +424,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise SetupError("--max-deliveries must be at least 1")
     if args.claim_idle is not None and args.claim_idle <= 0:
         raise SetupError("--claim-idle must be more than 0")
+    settings = fit_open_files(settings)
     options = WorkerOptions(
         redis_url=args.redis,
         consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",

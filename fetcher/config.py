@@ -95,6 +95,8 @@ class Settings(BaseModel):
     concurrency: int = Field(default=100, ge=1, le=100_000)
     processes: int = Field(default=1, ge=1, le=256)
     per_host: int = Field(default=0, ge=0)
+    #  The most idle keep-alive connections kept over all hosts (connector.py, fdlimit.py).
+    max_idle_connections: int | None = Field(default=None, ge=0)
     rate: float | None = Field(default=None, gt=0)
     # Off by default: -n and --per-host then mean exactly what they say (README, "Adaptive").
     adaptive: bool = False

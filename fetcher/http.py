@@ -22,8 +22,10 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .config import Settings, TlsSettings
+from .connector import BoundedConnector
 from .deadline import Deadlines
 from .errors import ConfigError, JobError
+from .fdlimit import idle_bounds
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .pool import Outcome
@@ -183,7 +185,12 @@ class HttpHandler:
 
     async def __aenter__(self) -> HttpHandler:
         s = self._settings
-        connector = aiohttp.TCPConnector(
+        # Sockets in use stay under -n (aiohttp's limit), idle ones under the idle pool: open
+        # sockets follow the concurrency, not the number of hosts (connector.py).
+        fewest_idle, most_idle = idle_bounds(s)
+        connector = BoundedConnector(
+            min_idle=fewest_idle,
+            max_idle=most_idle,
             limit=s.concurrency,
             limit_per_host=s.per_host,
             ttl_dns_cache=DNS_CACHE_SECONDS,

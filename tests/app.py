@@ -53,6 +53,12 @@ async def ok(request: web.Request) -> web.Response:
     return web.Response(text="hello\n")
 
 
+async def peer(request: web.Request) -> web.Response:
+    """The client's port: which connection the request came on."""
+    assert request.transport is not None
+    return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+
 async def status(request: web.Request) -> web.Response:
     code = int(request.match_info["code"])
     return web.Response(status=code, text=f"status {code}\n", headers={"X-Status": str(code)})
@@ -232,6 +238,7 @@ def make_app() -> web.Application:
     app.add_routes(
         [
             web.get("/ok", ok),
+            web.get("/peer", peer),
             route("*", "/status/{code:\\d+}", status),
             web.get("/redirect/{n:\\d+}", redirect),
             web.get("/loop", loop),

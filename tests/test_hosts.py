@@ -1,0 +1,159 @@
+"""Many hosts: the bounded idle pool, the open-file limit, and runs over hundreds of host names."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from fetcher.config import Settings
+from fetcher.connector import BoundedConnector
+from fetcher.fdlimit import RESERVE, fit_open_files
+from fetcher.http import Resolver
+
+from .test_e2e import clean_env, json_lines
+
+HOSTS = [f"h{i}.hosts.test" for i in range(60)]
+
+
+def connector(min_idle: int, max_idle: int) -> BoundedConnector:
+    return BoundedConnector(
+        min_idle=min_idle,
+        max_idle=max_idle,
+        limit=10,
+        resolver=Resolver(dict.fromkeys(HOSTS, "127.0.0.1")),
+    )
+
+
+async def peer_port(session: aiohttp.ClientSession, host: str, port: int) -> str:
+    async with session.get(f"http://{host}:{port}/peer") as resp:
+        return await resp.text()
+
+
+async def test_the_least_recently_used_idle_connection_is_closed_first(
+    server: object, base_url: str
+) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    conn = connector(3, 3)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        seen = {host: await peer_port(session, host, port) for host in HOSTS[:6]}
+        assert conn.idle_count == 3
+        # h3, h4, h5 were released last: still open; h0 was the first closed.
+        assert await peer_port(session, HOSTS[5], port) == seen[HOSTS[5]]
+        assert await peer_port(session, HOSTS[3], port) == seen[HOSTS[3]]
+        assert await peer_port(session, HOSTS[0], port) != seen[HOSTS[0]]
+        assert conn.idle_count == 3
+
+
+async def test_the_idle_pool_grows_for_hosts_that_come_back(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    conn = connector(2, 50)
+    hosts = HOSTS[:8]
+    async with aiohttp.ClientSession(connector=conn) as session:
+        rounds = []
+        for _ in range(3):
+            rounds.append([await peer_port(session, host, port) for host in hosts])
+    assert len(set(rounds[1]) & set(rounds[0])) <= 2  # evicted at the limit of 2...
+    assert conn.idle_limit >= len(hosts)  # ... but the evictions cost reuses: it grew
+    assert rounds[2] == rounds[1]  # so the third round reuses every connection
+
+
+async def test_the_idle_pool_stays_small_over_hosts_that_never_come_back(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    conn = connector(2, 50)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        for host in HOSTS:
+            await peer_port(session, host, port)
+        assert conn.idle_limit == 2
+        assert conn.idle_count == 2
+
+
+def test_a_limit_that_holds_the_run_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(concurrency=100)
+    fitted = fit_open_files(settings, limit=100_000)
+    assert fitted.concurrency == 100
+    assert fitted.max_idle_connections is not None
+    assert fitted.max_idle_connections >= 100
+    assert not caplog.records
+
+
+def test_a_small_limit_lowers_the_concurrency_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(concurrency=1000)
+    with caplog.at_level(logging.WARNING, logger="fetcher"):
+        fitted = fit_open_files(settings, limit=1024)
+    room = 1024 - RESERVE - settings.smtp["default"].pool_size
+    assert fitted.concurrency == room // 2
+    assert fitted.max_idle_connections is not None
+    assert fitted.concurrency + fitted.max_idle_connections <= room
+    [record] = caplog.records
+    assert "open-file limit 1024" in record.getMessage()
+    assert f"concurrency lowered to {room // 2}" in record.getMessage()
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one() -> None:
+    code = (
+        "import resource; from fetcher.fdlimit import raise_soft_limit; "
+        "print(raise_soft_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512)),
+    )
+    assert done.stdout.split() == ["512", "512", "512"]
+
+
+def run_many_hosts(
+    tmp_path: Path, base_url: str, soft: int, hard: int, hosts: int = 400, jobs: int = 1200
+) -> tuple[list[dict[str, object]], str, int]:
+    port = int(base_url.rsplit(":", 1)[1])
+    names = [f"h{i}.many.test" for i in range(hosts)]
+    config = tmp_path / "pins.yaml"
+    config.write_bytes(orjson.dumps({"resolve": dict.fromkeys(names, "127.0.0.1")}))
+    job_file = tmp_path / "jobs.jsonl"
+    job_file.write_bytes(
+        b"".join(
+            orjson.dumps({"id": str(i), "url": f"http://{names[i % hosts]}:{port}/ok"}) + b"\n"
+            for i in range(jobs)
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "fetcher", "run", str(job_file), "-c", str(config), "-n", "100"],
+        capture_output=True,
+        env=clean_env(),
+        timeout=120,
+        check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+    )
+    return json_lines(done.stdout), done.stderr.decode(), done.returncode
+
+
+def test_hundreds_of_hosts_at_a_low_limit_all_succeed(tmp_path: Path, base_url: str) -> None:
+    # soft = hard = 256: nothing to raise to, and -n 100 with its idle connections does not fit.
+    results, stderr, code = run_many_hosts(tmp_path, base_url, 256, 256)
+    assert "Too many open files" not in stderr
+    assert [r for r in results if not r["ok"]] == []
+    assert len(results) == 1200
+    assert code == 0
+    warnings = [line for line in stderr.splitlines() if "concurrency lowered" in line]
+    assert len(warnings) == 1, stderr
+    assert "open-file limit 256" in warnings[0]
+
+
+def test_a_low_soft_limit_is_raised_without_a_warning(tmp_path: Path, base_url: str) -> None:
+    results, stderr, code = run_many_hosts(tmp_path, base_url, 256, 4096)
+    assert [r for r in results if not r["ok"]] == []
+    assert len(results) == 1200
+    assert code == 0
+    assert "concurrency lowered" not in stderr
