@@ -157,6 +157,9 @@ class AdaptiveSlots:
     LATENCY_FACTOR = 2.0
     FORGET_AFTER = 300.0
     PRUNE_EVERY = 10_000
+    #  At most this many keys keep learned state (a few hundred bytes each) however many hosts
+    #  a run touches within FORGET_AFTER: past it, the least recently used idle ones go first.
+    MAX_KEYS = 20_000
 
     def __init__(
         self,
@@ -245,15 +248,22 @@ class AdaptiveSlots:
             del self._hosts[key]  # nothing learned worth keeping
         else:
             host.last_used = now
+            if len(self._hosts) > self.MAX_KEYS:
+                self._prune()
 
     def _prune(self) -> None:
         now = self._clock()
         old = now - self.FORGET_AFTER
-        self._hosts = {
+        hosts = {
             k: h
             for k, h in self._hosts.items()
             if h.users or (h.last_used > old or h.paused_until > now)
         }
+        if len(hosts) > self.MAX_KEYS:
+            idle = sorted((h.last_used, k) for k, h in hosts.items() if not h.users)
+            for _, k in idle[: len(hosts) - self.MAX_KEYS // 2]:
+                del hosts[k]
+        self._hosts = hosts
 
     def feedback(
         self,

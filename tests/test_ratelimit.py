@@ -351,3 +351,17 @@ async def test_cancelled_during_a_pause_releases_its_slot() -> None:
     clock.now += 31
     await asyncio.wait_for(slots.acquire("h"), 1)
     slots.release("h")
+
+
+async def test_adaptive_state_of_many_hosts_is_bounded() -> None:
+    slots, clock = adaptive()
+    slots.MAX_KEYS = 10
+    for i in range(50):
+        key = f"h{i}"
+        clock.now += 1
+        await slots.acquire(key)
+        slots.feedback(key, status=429)  # learned: a cut window is kept after release
+        slots.release(key)
+        assert len(slots) <= 10
+    assert slots.limit("h49") < slots.ceiling  # the most recent host keeps what it learned
+    assert slots.limit("h0") == slots.ceiling  # the oldest was forgotten
