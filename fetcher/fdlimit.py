@@ -80,7 +80,7 @@ def fit_open_files(settings: Settings, limit: int | None = None) -> Settings:
             fitted,
         )
         concurrency = fitted
-    most = max(1, min(most, room - concurrency))
+    most = min(most, room - concurrency)  # never negative: concurrency + fewest fits room
     if (concurrency, most) == (settings.concurrency, settings.max_idle_connections):
         return settings
     return settings.model_copy(update={"concurrency": concurrency, "max_idle_connections": most})
