@@ -11,6 +11,7 @@ to host ``i % HOSTS`` so that each host comes back only after all the others:
     20k       20000   20000   http    (every job a new host)
     50k       50000   50000   http
     tls-1k    20000    1000   https   (a trustme CA; nginx with TLS on --tls-port)
+    tls-new    5000    5000   https   (every job a new TLS handshake: what one costs)
 
 Each case runs under each fd limit asked for: ``1024`` (soft limit 1024, the default of most
 Linux systems, hard limit as it is), ``1024/1024`` (soft = hard = 1024: nothing to raise to) and
@@ -23,7 +24,7 @@ $PORT); the https one is an nginx this script starts with a trustme certificate 
 ``*.bench.test``, trusted by both programs through ``SSL_CERT_FILE``.
 
     python benchmarks/bench_hosts.py [--cases one,5k,20k,50k,tls-1k]
-        [--limits 1024,machine] [--rounds 3] [--concurrency 100]
+        [--limits 1024,machine] [--rounds 3] [--concurrency 100] [--min-idle N]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ CASES = {  # name: (jobs, hosts, scheme)
     "20k": (20_000, 20_000, "http"),
     "50k": (50_000, 50_000, "http"),
     "tls-1k": (20_000, 1_000, "https"),
+    "tls-new": (5_000, 5_000, "https"),
 }
 
 
@@ -131,7 +133,9 @@ http {{
     sys.exit(f"bench_hosts: nginx with TLS did not come up on port {port}")
 
 
-def write_case(work: Path, name: str, port: int, tls_port: int) -> tuple[Path, Path]:
+def write_case(
+    work: Path, name: str, port: int, tls_port: int, min_idle: int | None
+) -> tuple[Path, Path]:
     """The job file and fetcher's config (the pins) of one case."""
     jobs_n, hosts, scheme = CASES[name]
     target_port = tls_port if scheme == "https" else port
@@ -142,7 +146,10 @@ def write_case(work: Path, name: str, port: int, tls_port: int) -> tuple[Path, P
             url = f"{scheme}://{host}:{target_port}/small.html?i={i}"
             f.write(orjson.dumps({"id": f"j{i}", "url": url}) + b"\n")
     pins = {f"h{h}.bench.test": "127.0.0.1" for h in range(hosts)}
-    config.write_bytes(orjson.dumps({"resolve": pins}))  # JSON is YAML
+    settings: dict[str, object] = {"resolve": pins}
+    if min_idle is not None:
+        settings["min_idle_connections"] = min_idle
+    config.write_bytes(orjson.dumps(settings))  # JSON is YAML
     return jobs, config
 
 
@@ -160,6 +167,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=100, help="-n of each program (100)")
     p.add_argument("--tls-port", type=int, default=8443, help="port of the TLS nginx (8443)")
     p.add_argument("--skip-yardstick", action="store_true", help="run fetcher only")
+    p.add_argument("--min-idle", type=int, help="fetcher's min_idle_connections (default: its own)")
     args = p.parse_args()
     cases = args.cases.split(",")
     limits = args.limits.split(",")
@@ -184,7 +192,7 @@ def main() -> None:
             if any(CASES[c][2] == "https" for c in cases):
                 env["SSL_CERT_FILE"] = str(start_tls_nginx(work, args.tls_port))
             for name in cases:
-                jobs, config = write_case(work, name, port, args.tls_port)
+                jobs, config = write_case(work, name, port, args.tls_port, args.min_idle)
                 for limit in limits:
                     rows.append(run_case(args, name, limit, jobs, config, work, env, fetcher))
         finally:
@@ -258,7 +266,7 @@ def run_case(
             samples[who].append(sample)
             if who == "fetcher":
                 warnings = " ".join(
-                    line for line in err.read_text().splitlines() if "warning" in line.lower()
+                    line for line in err.read_text().splitlines() if "open-file limit" in line
                 )
             parts.append(f"{who} {sample.wall:6.2f}s {sample.rss_kb / 1024:6.1f}MB failed {bad}")
         print(f"{name} @ {limit} round {r}: " + " | ".join(parts), flush=True)

@@ -97,6 +97,8 @@ class Settings(BaseModel):
     per_host: int = Field(default=0, ge=0)
     #  The most idle keep-alive connections kept over all hosts (connector.py, fdlimit.py).
     max_idle_connections: int | None = Field(default=None, ge=0)
+    #  Where the idle pool starts (null = the concurrency); it adapts between the two.
+    min_idle_connections: int | None = Field(default=None, ge=0)
     rate: float | None = Field(default=None, gt=0)
     # Off by default: -n and --per-host then mean exactly what they say (README, "Adaptive").
     adaptive: bool = False

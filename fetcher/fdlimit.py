@@ -47,13 +47,17 @@ DEFAULT_MAX_IDLE = 8192
 def idle_bounds(settings: Settings) -> tuple[int, int]:
     """(fewest, most) idle connections the connector keeps over all hosts.
 
-    The fewest is the concurrency, what one busy host needs to keep every connection warm;
-    the most is ``max_idle_connections`` (``DEFAULT_MAX_IDLE`` when unset), never below it.
+    The fewest is ``min_idle_connections``, by default the concurrency: what one busy host needs
+    to keep every connection warm. The most is ``max_idle_connections`` (``DEFAULT_MAX_IDLE``
+    when unset); the fewest never passes it.
     """
     most = settings.max_idle_connections
     if most is None:
         most = DEFAULT_MAX_IDLE
-    return min(settings.concurrency, most), most
+    fewest = settings.min_idle_connections
+    if fewest is None:
+        fewest = settings.concurrency
+    return min(fewest, most), most
 
 
 def fit_open_files(settings: Settings, limit: int | None = None) -> Settings:
@@ -68,7 +72,10 @@ def fit_open_files(settings: Settings, limit: int | None = None) -> Settings:
     smtp = sum(profile.pool_size for profile in settings.smtp.values())
     room = max(2, limit - RESERVE - smtp)
     concurrency = settings.concurrency
-    fewest, most = idle_bounds(settings)
+    _, most = idle_bounds(settings)
+    # What must fit is -n in use plus -n idle (one busy host kept warm); a larger
+    # min_idle_connections is a wish the room left may cut, never a reason to lower -n.
+    fewest = min(concurrency, most)
     if concurrency + fewest > room:
         fitted = max(1, room * concurrency // (concurrency + fewest))
         log.warning(

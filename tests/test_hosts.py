@@ -14,7 +14,7 @@ import pytest
 
 from fetcher.config import Settings
 from fetcher.connector import BoundedConnector
-from fetcher.fdlimit import RESERVE, fit_open_files
+from fetcher.fdlimit import DEFAULT_MAX_IDLE, RESERVE, fit_open_files, idle_bounds
 from fetcher.http import Resolver
 
 from .test_e2e import clean_env, json_lines
@@ -72,6 +72,37 @@ async def test_the_idle_pool_stays_small_over_hosts_that_never_come_back(base_ur
             await peer_port(session, host, port)
         assert conn.idle_limit == 2
         assert conn.idle_count == 2
+
+
+def test_min_idle_connections_sets_where_the_pool_starts() -> None:
+    assert idle_bounds(Settings(concurrency=10)) == (10, DEFAULT_MAX_IDLE)
+    assert idle_bounds(Settings(concurrency=10, min_idle_connections=500)) == (
+        500,
+        DEFAULT_MAX_IDLE,
+    )
+    both = Settings(concurrency=10, min_idle_connections=500, max_idle_connections=100)
+    assert idle_bounds(both) == (100, 100)
+
+
+def test_a_large_min_idle_is_cut_to_the_room_left_never_lowering_the_concurrency(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(concurrency=100, min_idle_connections=5000)
+    with caplog.at_level(logging.WARNING, logger="fetcher"):
+        fitted = fit_open_files(settings, limit=1024)
+    room = 1024 - RESERVE - settings.smtp["default"].pool_size
+    assert fitted.concurrency == 100
+    assert idle_bounds(fitted) == (room - 100, room - 100)
+    assert not caplog.records
+
+
+async def test_a_pool_started_large_reuses_from_the_first_round(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    conn = connector(len(HOSTS), len(HOSTS))
+    async with aiohttp.ClientSession(connector=conn) as session:
+        first = [await peer_port(session, host, port) for host in HOSTS]
+        second = [await peer_port(session, host, port) for host in HOSTS]
+    assert second == first
 
 
 def test_a_limit_that_holds_the_run_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
