@@ -119,10 +119,23 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fsync-interval", type=float, metavar="S", help="fsync the output every S seconds"
     )
+    p.add_argument("--save", metavar="DIR", help="stream each http body to a file under DIR")
+    p.add_argument(
+        "--save-name",
+        metavar="TEMPLATE",
+        help="file name under DIR: {id} {sha256} {sha256:0:2} {host} {path} {ext} {status}",
+    )
+    p.add_argument("--warc", metavar="FILE", help="also record every exchange in a WARC file")
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    # Nested keys go in as mappings, merged over the config file's (a --save DIR keeps its name).
+    save = {"dir": getattr(args, "save", None), "name": getattr(args, "save_name", None)}
+    warc = getattr(args, "warc", None)
     return {
+        "save": {k: v for k, v in save.items() if v is not None} or None,
+        "warc": None if warc is None else {"file": warc},
+    } | {
         key: getattr(args, key, None)
         for key in (
             "concurrency",
@@ -203,6 +216,21 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, overrides)
     options = _run_options(args, settings)
     settings = fit_open_files(settings)
+    if settings.warc.file is not None:
+        from .warc import check_target
+
+        if settings.processes > 1:
+            raise SetupError("--warc is not available with --processes yet (one file, one writer)")
+        check_target(settings.warc.file, resume=settings.resume, overwrite=settings.overwrite)
+    if settings.save.dir is not None:
+        from .save import prepare_dir, remove_partials
+
+        prepare_dir(settings.save.dir)
+        if settings.resume:
+            # What a killed run was writing: those jobs have no result line and run again.
+            removed = remove_partials(settings.save.dir)
+            if removed:
+                log.info("removed %d partial file(s) left in %s", removed, settings.save.dir)
     import uvloop
 
     code: int

@@ -83,6 +83,28 @@ def _default_smtp() -> dict[str, SmtpProfile]:
     return {"default": SmtpProfile()}
 
 
+class SaveSettings(BaseModel):
+    model_config = _frozen
+    dir: Path | None = None
+    name: str = "{sha256:0:2}/{sha256}"
+    #  Also keep the bodies of responses with status >= 400.
+    errors: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from .save import NameTemplate  # checked at start-up: a typo stops the run (exit 2)
+
+        NameTemplate(v)
+        return v
+
+
+class WarcSettings(BaseModel):
+    model_config = _frozen
+    file: Path | None = None
+    max_size: int = Field(default=1 << 30, ge=1 << 20)
+
+
 class Settings(BaseModel):
     """Everything a run can be told. Keys match the config file and ``FETCHER_<KEY>``.
 
@@ -117,6 +139,8 @@ class Settings(BaseModel):
     resolve: dict[str, str] = Field(default_factory=dict)
     tls: TlsSettings = TlsSettings()
     network: NetworkSettings = NetworkSettings()
+    save: SaveSettings = SaveSettings()
+    warc: WarcSettings = WarcSettings()
     proxy: str | None = Field(default=None, repr=False)
     trust_env: bool = False
     smtp: dict[str, SmtpProfile] = Field(default_factory=_default_smtp)

@@ -36,6 +36,8 @@ ErrorType = Literal[
     "smtp_temporary",
     "smtp_rejected",
     "smtp_auth",
+    "checksum",
+    "save",
     "abandoned",
     "internal",
 ]

@@ -15,11 +15,20 @@ import socket
 import ssl
 import time
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.compression_utils import (
+    HAS_BROTLI,
+    HAS_ZSTD,
+    BrotliDecompressor,
+    ZLibDecompressor,
+    ZSTDDecompressor,
+)
+from aiohttp.connector import Connection
 
 from .config import Settings, TlsSettings
 from .connector import BoundedConnector
@@ -30,6 +39,9 @@ from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .pool import Outcome
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
+from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
+from .warc import Hop, RawSpool, WarcWriter, target_uri
+from .warc import discard as discard_hops
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 DNS_CACHE_SECONDS = 300
@@ -145,6 +157,21 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class PeerResponse(aiohttp.ClientResponse):
+    """A response that remembers the address it came from (``WARC-IP-Address``). aiohttp lets
+    go of the connection as soon as the body is in, for a small body before ``request()``
+    even returns, so the address is taken when the response starts."""
+
+    peer: str | None = None
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        transport = connection.transport
+        address = None if transport is None else transport.get_extra_info("peername")
+        if address:
+            self.peer = str(address[0])
+        return await super().start(connection)
+
+
 class HttpHandler:
     """Runs HttpJob attempts through one shared session. Use as an async context manager."""
 
@@ -176,6 +203,9 @@ class HttpHandler:
         self._resolver = Resolver(settings.resolve)
         self._deadlines = Deadlines()
         self._session: aiohttp.ClientSession | None = None
+        save = settings.save
+        self._store = None if save.dir is None else BodyStore(save.dir, NameTemplate(save.name))
+        self._warc: WarcWriter | None = None  # opened in __aenter__
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -185,6 +215,12 @@ class HttpHandler:
 
     async def __aenter__(self) -> HttpHandler:
         s = self._settings
+        if self._store is not None:
+            self._store.prepare()
+        if s.warc.file is not None:
+            self._warc = WarcWriter(
+                s.warc.file, s.warc.max_size, append=s.resume, software=s.user_agent
+            )
         # Sockets in use stay under -n (aiohttp's limit), idle ones under the idle pool: open
         # sockets follow the concurrency, not the number of hosts (connector.py).
         fewest_idle, most_idle = idle_bounds(s)
@@ -209,6 +245,9 @@ class HttpHandler:
             timeout=aiohttp.ClientTimeout(total=None),
             headers={"User-Agent": s.user_agent, **s.headers},
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            # A WARC keeps the bytes as they came (content-encoding and all): _Decoder decodes.
+            auto_decompress=self._warc is None,
+            response_class=aiohttp.ClientResponse if self._warc is None else PeerResponse,
             trust_env=s.trust_env,
             proxy=s.proxy,
             # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
@@ -225,6 +264,8 @@ class HttpHandler:
         if self._session is not None:
             await self._session.close()
         await self._resolver.close()
+        if self._warc is not None:
+            await asyncio.to_thread(self._warc.close)
 
     async def attempt(self, job: HttpJob) -> Outcome:
         url = job.target
@@ -292,33 +333,123 @@ class HttpHandler:
 
     async def _read(self, job: HttpJob, resp: aiohttp.ClientResponse) -> Outcome:
         max_bytes = self._max_bytes if job.max_bytes is None else job.max_bytes
+        cap = max_bytes or None  # 0: no cap
         fields = _response_fields(job, resp)
         length = resp.content_length
         # Content-Length is the size on the wire; only without an encoding is it the body's size.
         # A HEAD response (and a 204 or 304) has no body, whatever its Content-Length says.
         unencoded = "content-encoding" not in fields["headers"]
-        if (
-            length is not None
-            and length > max_bytes
-            and unencoded
-            and job.method != "HEAD"
-            and resp.status not in (204, 304)
-        ):
+        bodiless = job.method == "HEAD" or resp.status in (204, 304)
+        if cap is not None and length is not None and length > cap and unencoded and not bodiless:
             resp.close()
             return _too_large(fields, max_bytes)
-        if length is not None and unencoded:
+        if self._store is not None:
+            fields["path"] = None
+        if self._store is not None or self._warc is not None:
+            return await self._stream(job, resp, fields, cap, max_bytes, bodiless)
+        if cap is not None and length is not None and unencoded:
             # The common case: the parser stops at Content-Length, just checked against
             # max_bytes, so one read is bounded (and cheaper than a loop of chunks).
             body: bytes | None = await resp.read()
         else:
-            body = await _read_bounded(resp, max_bytes)
+            body = await _read_bounded(resp, cap)
         if body is None:
             resp.close()  # drop the connection rather than drain a huge or endless body
             return _too_large(fields, max_bytes)
         fields["bytes"] = len(body)
-        fields["sha256"] = hashlib.sha256(body).hexdigest()
+        fields["sha256"] = digest = hashlib.sha256(body).hexdigest()
+        if job.sha256 is not None and digest != job.sha256:
+            return _checksum_mismatch(fields, job.sha256, digest)
         if job.body != "none":
             _put_body(fields, job.body, body, resp.charset)
+        return self._status_outcome(job, resp, fields)
+
+    async def _stream(
+        self,
+        job: HttpJob,
+        resp: aiohttp.ClientResponse,
+        fields: dict[str, Any],
+        cap: int | None,
+        max_bytes: int,
+        bodiless: bool,
+    ) -> Outcome:
+        """Read the body chunk by chunk: to a file under --save DIR (save.py; never whole in
+        memory unless the job also asked for it in the result line) and, raw, to the WARC."""
+        store = self._store
+        if bodiless or (resp.status >= 400 and not self._settings.save.errors):
+            store = None
+        file: BodyFile | None = None if store is None else store.open()
+        kept: list[bytes] | None = None if job.body == "none" else []
+        hops: list[Hop] | None = None
+        decoder: _Decoder | None = None
+        if self._warc is not None:
+            hops = _hops(job, resp, self._warc.folder)
+            decoder = _Decoder(fields["headers"].get("content-encoding"))
+        spool = None if hops is None else hops[-1].payload
+        digest = hashlib.sha256()
+        size = 0
+
+        async def take(chunk: bytes) -> bool:
+            """Count, hash and keep one decoded chunk; False once past the cap."""
+            nonlocal size
+            size += len(chunk)
+            if cap is not None and size > cap:
+                return False
+            if file is not None:
+                await file.write(chunk)  # hashes it too
+            else:
+                digest.update(chunk)
+            if kept is not None:
+                kept.append(chunk)
+            return True
+
+        try:
+            read = resp.content.readany
+            fits = True
+            while fits and (raw := await read()):
+                if spool is not None:
+                    await spool.write(raw)
+                room = 0 if cap is None else cap - size + 1
+                fits = await take(raw if decoder is None else decoder.decode(raw, room))
+            if fits and decoder is not None:
+                fits = await take(decoder.flush())
+            if not fits:
+                resp.close()
+                await _drop(file, hops)
+                return _too_large(fields, max_bytes)
+            fields["bytes"] = size
+            fields["sha256"] = hexdigest = (digest if file is None else file.hash).hexdigest()
+            if job.sha256 is not None and hexdigest != job.sha256:
+                if file is not None:
+                    await file.discard()
+                    file = None
+                outcome = _checksum_mismatch(fields, job.sha256, hexdigest)
+            else:
+                outcome = None
+            if file is not None and store is not None:
+                values = name_values(
+                    job.id, resp.url, resp.status, fields["content_type"], hexdigest
+                )
+                fields["path"] = await file.commit(safe_name(store.template.render(values)))
+            if hops is not None and self._warc is not None:
+                fields["warc"] = await self._warc.record(hops)
+                hops = None
+        except SaveFailed as exc:
+            await _drop(file, hops)
+            root = store.root if store is not None else ""
+            return Outcome(fields, JobError("save", f"cannot save the body in {root}: {exc}"))
+        except BaseException:
+            await _drop(file, hops)
+            raise
+        if outcome is not None:
+            return outcome
+        if kept is not None:
+            _put_body(fields, job.body, b"".join(kept), resp.charset)
+        return self._status_outcome(job, resp, fields)
+
+    def _status_outcome(
+        self, job: HttpJob, resp: aiohttp.ClientResponse, fields: dict[str, Any]
+    ) -> Outcome:
         status = resp.status
         if status < 400:
             return Outcome(fields)
@@ -337,6 +468,8 @@ class HttpHandler:
         self, job: HttpJob, exc: Exception, resp: aiohttp.ClientResponse | None, timeout: float
     ) -> Outcome:
         fields = _response_fields(job, resp) if resp is not None else _empty_fields(job)
+        if self._store is not None:
+            fields.setdefault("path", None)
         error, retryable, reached = classify(exc, timeout)
         if isinstance(exc, aiohttp.TooManyRedirects):
             fields["redirects"] = max(0, len(exc.history) - 1)  # the last one was not followed
@@ -404,21 +537,100 @@ def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, An
     }
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes | None:
-    """The (decompressed) body, or None as soon as it passes ``max_bytes``."""
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int | None) -> bytes | None:
+    """The (decompressed) body, or None as soon as it passes ``cap`` (None: no cap)."""
+    if cap is None:
+        return await resp.read()
     chunks: list[bytes] = []
     size = 0
     read = resp.content.readany
     while chunk := await read():
         size += len(chunk)
-        if size > max_bytes:
+        if size > cap:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
 
 
+def _checksum_mismatch(fields: dict[str, Any], expected: str, got: str) -> Outcome:
+    return Outcome(
+        fields, JobError("checksum", f"body sha256 is {got}, the job expects {expected}")
+    )
+
+
 def _too_large(fields: dict[str, Any], max_bytes: int) -> Outcome:
     return Outcome(fields, JobError("too_large", f"body is larger than max_bytes ({max_bytes})"))
+
+
+async def _drop(file: BodyFile | None, hops: list[Hop] | None) -> None:
+    """Let go of what a body that will not be kept had written so far."""
+    if file is not None:
+        await file.discard()
+    if hops is not None:
+        discard_hops(hops)
+
+
+class _Decoder:
+    """Content-Encoding decoding when a WARC is written: the session then keeps the raw bytes
+    (for the record) and ``bytes``, ``sha256``, the saved file and the body are decoded here,
+    with aiohttp's own decompressors. An encoding they do not know passes through as is."""
+
+    def __init__(self, encoding: str | None) -> None:
+        name = (encoding or "").strip().lower()
+        self._codec: ZLibDecompressor | BrotliDecompressor | ZSTDDecompressor | None = None
+        if name in ("gzip", "x-gzip", "deflate"):
+            self._codec = ZLibDecompressor(encoding="deflate" if name == "deflate" else "gzip")
+        elif name == "br" and HAS_BROTLI:
+            self._codec = BrotliDecompressor()
+        elif name == "zstd" and HAS_ZSTD:
+            self._codec = ZSTDDecompressor()
+
+    def decode(self, data: bytes, room: int) -> bytes:
+        """``data`` decoded, at most ``room`` bytes of it (0: all)."""
+        if self._codec is None:
+            return data
+        try:
+            return self._codec.decompress_sync(data, room)
+        except Exception as exc:  # noqa: BLE001 - zlib, brotli and zstd each have their own
+            raise aiohttp.ClientPayloadError(f"cannot decode the body: {exc}") from None
+
+    def flush(self) -> bytes:
+        if self._codec is None:
+            return b""
+        try:
+            return self._codec.flush()
+        except Exception as exc:  # noqa: BLE001
+            raise aiohttp.ClientPayloadError(f"cannot decode the body: {exc}") from None
+
+
+def _hops(job: HttpJob, resp: aiohttp.ClientResponse, folder: Path) -> list[Hop]:
+    """The exchanges behind ``resp`` for the WARC: its redirect hops, then itself."""
+    chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
+    hops = [_hop(r, None) for r in resp.history]
+    hops.append(_hop(resp, RawSpool(folder, chunked)))
+    if job.data is not None:
+        hops[0].request_body = job.data.encode()
+    elif job.has_json:
+        hops[0].request_body = orjson.dumps(job.json_body)
+    return hops
+
+
+def _hop(resp: aiohttp.ClientResponse, payload: RawSpool | None) -> Hop:
+    info = resp.request_info
+    url = info.real_url
+    version = resp.version
+    length = resp.headers.get("Content-Length", "")
+    return Hop(
+        uri=target_uri(str(url)),
+        request_line=f"{info.method} {url.raw_path_qs or '/'} HTTP/1.1",
+        request_headers=list(info.headers.items()),
+        status_line=f"{resp.status} {resp.reason or ''}".rstrip(),
+        protocol="HTTP/1.1" if version is None else f"HTTP/{version.major}.{version.minor}",
+        response_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers],
+        ip=getattr(resp, "peer", None),
+        payload=payload,
+        announced_body=(length not in ("", "0")) or "Transfer-Encoding" in resp.headers,
+    )
 
 
 def _put_body(fields: dict[str, Any], mode: str, body: bytes, charset: str | None) -> None:

@@ -56,6 +56,15 @@ def _method(v: str) -> str:
     return v.upper()
 
 
+def _hex_digest(v: str) -> str:
+    if not _SHA256.match(v):
+        raise ValueError("must be a sha256 hex digest (64 hex digits)")
+    return v.lower()
+
+
+_SHA256 = re.compile(r"\A[0-9A-Fa-f]{64}\Z")
+
+
 def _header_map(v: dict[str, str]) -> dict[str, str]:
     for name, value in v.items():
         if not _TOKEN.match(name):
@@ -118,6 +127,8 @@ class HttpJob(_Job):
     allow_redirects: bool = True
     body: Literal["none", "text", "base64", "json"] = "none"
     retry_unsafe: bool = False
+    #  The body's expected digest: a mismatch is error checksum (and no file kept).
+    sha256: Annotated[str, AfterValidator(_hex_digest)] | None = None
 
     _url: URL = PrivateAttr()
 

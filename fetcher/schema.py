@@ -54,6 +54,15 @@ class _Ran(_Result):
     meta: Any = Field(default=None, description="the job's own meta field, when it had one")
 
 
+class WarcRef(BaseModel):
+    """Where a result's WARC response record is: gzip member at ``offset``, ``length`` bytes."""
+
+    model_config = _closed
+    file: str
+    offset: int = Field(ge=0)
+    length: int = Field(ge=1)
+
+
 class HttpResult(_Ran):
     """An http job that ran (ok or not)."""
 
@@ -67,6 +76,12 @@ class HttpResult(_Ran):
     bytes: int | None = Field(ge=0, description="body length after decompression")
     sha256: str | None = Field(pattern="^[0-9a-f]{64}$", description="hex digest of the body")
     redirects: int = Field(ge=0)
+    path: str | None = Field(
+        default=None, description="--save: the file holding the body (null when none was kept)"
+    )
+    warc: WarcRef | None = Field(
+        default=None, description="--warc: where the response record is (file, offset, length)"
+    )
     body: Any = Field(default=None, description="only when the job asked for a body")
     body_error: str | None = Field(
         default=None, description="body mode json and a body that is not JSON"

@@ -159,7 +159,9 @@ class Worker:
             async with contextlib.AsyncExitStack() as stack:
                 self._redis = connect(opts.redis_url)
                 stack.push_async_callback(self._redis.aclose)
-                handlers = await build_handlers(self.settings, stack)
+                # A worker adds to its WARC file as to its OUT: restarts append (resume).
+                appending = self.settings.model_copy(update={"resume": True})
+                handlers = await build_handlers(appending, stack)
                 if self.metrics is not None:
                     handlers = self.metrics.wrap(handlers)
                     self.metrics.add_check("redis", self._ping)

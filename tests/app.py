@@ -19,6 +19,9 @@ Routes (all under http://127.0.0.1:PORT):
     /huge                        ``?size=`` bytes with Content-Length (``&chunked=1``: without)
     /gzip                        a small gzip-encoded text body
     /gzip-bomb                   a gzip body of ~20 KB that inflates to 20 MB
+    /slow-big                    ``?size=`` bytes in 64 KiB blocks ``?interval=`` seconds apart
+    /blob/{stem}.{ext}           a 3,200-byte body that depends only on the stem, typed by ext
+    /noise                       ``?size=`` bytes that do not compress, by ``?seed=``
     /echo                        method, headers, query and body of the request as JSON
     /json                        a JSON body
     /not-json                    text that is not JSON, served as application/json
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import random
 import threading
 import time
 from email.utils import formatdate
@@ -175,6 +180,44 @@ async def huge(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def slow_big(request: web.Request) -> web.StreamResponse:
+    """``size`` bytes in 64 KiB blocks, ``interval`` seconds apart: a download to kill midway."""
+    size = int(request.query.get("size", str(1024 * 1024)))
+    interval = float(request.query.get("interval", "0.05"))
+    resp = web.StreamResponse()
+    resp.content_length = size
+    await resp.prepare(request)
+    sent = 0
+    while sent < size:
+        piece = min(65536, size - sent)
+        await resp.write(b"s" * piece)
+        sent += piece
+        await asyncio.sleep(interval)
+    await resp.write_eof()
+    return resp
+
+
+async def blob(request: web.Request) -> web.Response:
+    """A body that depends only on ``name``'s stem, typed by its extension."""
+    name = request.match_info["name"]
+    stem, _, ext = name.partition(".")
+    types = {"png": "image/png", "pdf": "application/pdf", "txt": "text/plain"}
+    return web.Response(
+        body=blob_bytes(stem), content_type=types.get(ext, "application/octet-stream")
+    )
+
+
+async def noise(request: web.Request) -> web.Response:
+    """``size`` bytes that do not compress, the same for the same ``seed``."""
+    size = int(request.query.get("size", "1000"))
+    seed = request.query.get("seed", "0")
+    return web.Response(body=random.Random(seed).randbytes(size))
+
+
+def blob_bytes(stem: str) -> bytes:
+    return hashlib.sha256(stem.encode()).digest() * 100
+
+
 async def gzipped(request: web.Request) -> web.Response:
     return web.Response(
         body=gzip.compress(GZIP_TEXT),
@@ -252,6 +295,9 @@ def make_app() -> web.Application:
             web.get("/cl-lie", cl_lie),
             web.get("/huge", huge),
             web.get("/gzip", gzipped),
+            web.get("/slow-big", slow_big),
+            web.get("/blob/{name}", blob),
+            web.get("/noise", noise),
             web.get("/gzip-bomb", gzip_bomb),
             route("*", "/echo", echo),
             web.get("/json", json_body),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -448,3 +449,44 @@ def test_collect_follow_until_sigterm(tmp_path: Path, rds: RedisPeer) -> None:
         proc.kill()
         proc.wait()
     assert [r["id"] for r in read_jsonl(out)] == ["first", "second"]
+
+
+def test_workers_save_bodies_and_append_to_their_warc(
+    tmp_path: Path, rds: RedisPeer, web: HttpPeer, procs: Procs
+) -> None:
+    from warcio.archiveiterator import ArchiveIterator
+
+    save = tmp_path / "files"
+    jobs = [{"id": f"s{i}", "url": f"{web.url}/ok/n{i % 5}"} for i in range(20)]
+    assert enqueue(rds, write_jobs(tmp_path / "jobs.jsonl", jobs)).returncode == 0
+    for name in ("a", "b"):  # two workers, one DIR; each its own WARC, a restart appends
+        args = (
+            "--drain",
+            "-n",
+            "4",
+            "--save",
+            str(save),
+            "--warc",
+            str(tmp_path / f"{name}.warc.gz"),
+        )
+        procs.worker(name, *args)
+    for name in ("a", "b"):
+        assert procs.wait(name) == 0, procs.log(name)
+    results = by_id(collect(rds, tmp_path / "out.jsonl"))
+    assert len(results) == 20
+    for r in results.values():
+        assert r["ok"], r
+        assert hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() == r["sha256"]
+    assert len({r["path"] for r in results.values()}) == 5  # five bodies, each written once
+    assert not list((save / ".fetcher-partial").iterdir())
+
+    more = [{"id": "late", "url": f"{web.url}/ok/late"}]
+    assert enqueue(rds, write_jobs(tmp_path / "more.jsonl", more)).returncode == 0
+    procs.worker("a2", "--drain", "--warc", str(tmp_path / "a.warc.gz"))
+    assert procs.wait("a2") == 0, procs.log("a2")
+    warcs = [tmp_path / "a.warc.gz", tmp_path / "b.warc.gz"]
+    uris = []
+    for path in warcs:
+        with open(path, "rb") as f:
+            uris += [r.rec_headers.get_header("WARC-Target-URI") for r in ArchiveIterator(f)]
+    assert uris.count(f"{web.url}/ok/late") == 2  # request and response, appended

@@ -1,0 +1,285 @@
+"""Bodies on disk (``--save DIR``): stream a body to a temporary file, place it when verified.
+
+A body is written to ``DIR/.fetcher-partial/`` as it arrives and only placed under its final
+name once it is complete and verified (``max_bytes``, the job's ``sha256``), so no partial file
+ever stands under a final name; after SIGKILL, ``--resume`` removes what that folder holds.
+
+The event loop never waits on the disk. A body that fits in one flush (``FLUSH_BYTES``, most
+pages and images) costs one trip to a thread at the end: open, write, close, place. A larger
+one is handed to a thread every ``FLUSH_BYTES`` as it arrives, so memory per body stays
+bounded. Writing from the loop instead (plain ``os.write`` on a regular file, which cannot be
+made non-blocking) measured as fast on a quiet disk but stalls every connection for as long as
+a slow or full disk takes to answer; aiofiles is a thread per call, the same as this with more
+trips. ``benchmarks/bench_save.py`` has the figures.
+
+Names are placed with ``os.link`` from the temporary file, which never replaces an existing
+file, also when another process (``--processes``, workers sharing DIR) places the same name at
+the same moment: a name that is taken by a different body gets a numbered suffix (``name.1``,
+``name.2``, as wget does), one taken by the same body is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import mimetypes
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from yarl import URL
+
+from .errors import ConfigError
+
+PARTIAL_DIR = ".fetcher-partial"
+FLUSH_BYTES = 256 * 1024
+#  A part of a name longer than this many bytes is cut (most file systems' NAME_MAX).
+MAX_PART_BYTES = 255
+
+PLACEHOLDERS = frozenset({"id", "sha256", "host", "path", "ext", "status"})
+_FIELD = re.compile(r"\{(\w+)(?::(\d*):(\d*))?\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class SaveFailed(Exception):
+    """A body could not be written or placed: error ``save`` for its job."""
+
+
+class NameTemplate:
+    """``--save-name``: ``{id}``, ``{sha256}`` (sliced as ``{sha256:0:2}``), ``{host}``,
+    ``{path}``, ``{ext}``, ``{status}``; everything else is literal."""
+
+    def __init__(self, text: str) -> None:
+        for m in _FIELD.finditer(text):
+            if m.group(1) not in PLACEHOLDERS:
+                raise ConfigError(
+                    f"--save-name {text!r}: unknown placeholder {{{m.group(1)}}} "
+                    f"(known: {', '.join(sorted(PLACEHOLDERS))})"
+                )
+        if not _FIELD.search(text):
+            raise ConfigError(f"--save-name {text!r}: needs at least one placeholder")
+        self.text = text
+        # A name holding the whole digest names one body only: a file found under it is that body.
+        self.content_addressed = "{sha256}" in text
+
+    def render(self, values: Mapping[str, str]) -> str:
+        def field(m: re.Match[str]) -> str:
+            value = values[m.group(1)]
+            if m.group(2) is not None or m.group(3) is not None:
+                start = int(m.group(2) or 0)
+                end = int(m.group(3)) if m.group(3) else None
+                value = value[start:end]
+            return value
+
+        return _FIELD.sub(field, self.text)
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a relative path that stays inside DIR: no absolute path, no ``.`` or ``..``
+    part, no control characters, each part at most ``MAX_PART_BYTES`` bytes.
+
+    Raises SaveFailed when nothing is left.
+    """
+    parts = []
+    for part in name.replace("\\", "/").split("/"):
+        part = _CONTROL.sub("_", part).strip()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            part = "_"
+        parts.append(_cut(part))
+    if not parts:
+        raise SaveFailed(f"file name {name!r} is empty once made safe")
+    return "/".join(parts)
+
+
+def _cut(part: str) -> str:
+    raw = part.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_PART_BYTES:
+        return part
+    return raw[:MAX_PART_BYTES].decode("utf-8", "ignore")
+
+
+_EXT = re.compile(r"\.[A-Za-z0-9]{1,10}$")
+
+
+def name_values(
+    job_id: str, url: URL, status: int, content_type: str | None, digest: str
+) -> dict[str, str]:
+    """The placeholders' values for one body. ``{path}`` is the URL path, ``index.html`` where it
+    names a directory (as wget); ``{ext}`` (with its dot) the path's extension, else the content
+    type's, else empty; ``{id}`` and ``{host}`` never hold a ``/``."""
+    path = url.path or "/"
+    if path.endswith("/"):
+        path += "index.html"
+    m = _EXT.search(posixpath.basename(url.path))
+    ext = m.group(0) if m else ""
+    if not ext and content_type:
+        ext = mimetypes.guess_extension(content_type.split(";", 1)[0].strip().lower()) or ""
+    return {
+        "id": job_id.replace("/", "_"),
+        "sha256": digest,
+        "host": (url.host or "").replace("/", "_"),
+        "path": path,
+        "ext": ext,
+        "status": str(status),
+    }
+
+
+def prepare_dir(root: Path) -> None:
+    """Create DIR and its temporary folder: at start, so that a DIR that cannot be made
+    stops the run (ConfigError, exit 2) before any job."""
+    try:
+        (root / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--save {root}: {exc.strerror}") from None
+
+
+def remove_partials(root: Path) -> int:
+    """Remove the temporary files a killed run left under ``root``; returns how many."""
+    partial = root / PARTIAL_DIR
+    removed = 0
+    try:
+        entries = list(os.scandir(partial))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+class BodyStore:
+    """Where ``--save`` puts bodies: one per run (per process)."""
+
+    def __init__(self, root: Path, template: NameTemplate) -> None:
+        self.root = root
+        self.template = template
+        self._partial = root / PARTIAL_DIR
+        self._real_root = ""
+
+    def prepare(self) -> None:
+        prepare_dir(self.root)
+        self._real_root = os.path.realpath(self.root)
+
+    def open(self) -> BodyFile:
+        return BodyFile(self)
+
+    def place(self, tmp: str, rel: str, size: int, digest: str) -> str:
+        """Give the temporary file ``tmp`` its final name (sync: runs in a thread)."""
+        final = os.path.join(self.root, rel)
+        real = os.path.realpath(final)
+        if not real.startswith(self._real_root + os.sep):
+            raise SaveFailed(f"file name {rel!r} would leave the save folder")
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        candidate, n = final, 0
+        while True:
+            try:
+                os.link(tmp, candidate)
+            except FileExistsError:
+                if self.template.content_addressed or _same_body(candidate, size, digest):
+                    os.unlink(tmp)
+                    return candidate
+                n += 1
+                candidate = f"{final}.{n}"
+                continue
+            os.unlink(tmp)
+            return candidate
+
+
+def _same_body(path: str, size: int, digest: str) -> bool:
+    try:
+        if os.stat(path).st_size != size:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError:
+        return False
+    return h.hexdigest() == digest
+
+
+class BodyFile:
+    """One body on its way to disk: ``write`` as chunks arrive, then ``commit`` or ``discard``.
+
+    The digest and size are counted here, on the loop, as the bytes go by.
+    """
+
+    def __init__(self, store: BodyStore) -> None:
+        self._store = store
+        self._buffer = bytearray()
+        self._fd = -1
+        self._tmp = os.path.join(store._partial, f"{os.getpid()}-{uuid.uuid4().hex}.part")
+        self.size = 0
+        self.hash = hashlib.sha256()
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self.hash.update(chunk)
+        self._buffer += chunk
+        if len(self._buffer) >= FLUSH_BYTES:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            await _in_thread(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    async def commit(self, rel: str) -> str:
+        """Write what is left and place the file under ``rel``; returns its path."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        digest = self.hash.hexdigest()
+        return await _in_thread(self._finish, data, rel, digest)
+
+    def _finish(self, data: bytes, rel: str, digest: str) -> str:
+        try:
+            self._write(data)  # also opens an empty body's file
+            os.close(self._fd)
+            self._fd = -1
+            return self._store.place(self._tmp, rel, self.size, digest)
+        except BaseException:
+            self._remove()
+            raise
+
+    async def discard(self) -> None:
+        self._buffer.clear()
+        if self._fd >= 0:
+            await _in_thread(self._remove)
+
+    def _remove(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+async def _in_thread(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``func`` in a thread, run to its end even if the caller is cancelled meanwhile (a
+    write must not outlive the file descriptor it writes to); OSError becomes SaveFailed."""
+    future = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+    except SaveFailed:
+        raise
+    except OSError as exc:
+        raise SaveFailed(exc.strerror or type(exc).__name__) from None
