@@ -8,15 +8,20 @@ The in-process tests drive ``RedisHealth`` with commands that overlap a change o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import redis.exceptions as rexc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from fetcher.scaleout import RedisHealth
 
@@ -25,6 +30,9 @@ from .test_metrics import get, samples
 from .test_scaleout import CONFIG, FETCHER, enqueue, wait_for, write_jobs
 
 GATE_JOBS = 4
+#  How long Redis stays away: a few seconds, as in the field (3.6 s), so that every one of the
+#  worker's connections, and the commands under way on them, meet the outage.
+OUTAGE_SECONDS = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +48,7 @@ class Watcher:
         self.base = base
         self.ready: list[int] = []
         self.up: list[float] = []
+        self.errors = 0.0  # fetcher_redis_errors_total, as last read
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -57,7 +66,9 @@ class Watcher:
             if status and (not self.ready or self.ready[-1] != status):
                 self.ready.append(status)
             code, text = get(f"{self.base}/metrics")
-            value = samples(text).get(("fetcher_redis_up", ())) if code == 200 else None
+            page = samples(text) if code == 200 else {}
+            self.errors = page.get(("fetcher_redis_errors_total", ()), self.errors)
+            value = page.get(("fetcher_redis_up", ()))
             if value is not None and (not self.up or self.up[-1] != value):
                 self.up.append(value)
 
@@ -102,9 +113,17 @@ def _ride_out_an_outage(
 
     wait_for(lambda: watch.ready[-1:] == [200] and watch.up[-1:] == [1], what="a ready worker")
     wait_for(reached_gate, what="the jobs at the gate")
-    rds.stop(save=True)  # the stream, the group and its pending entries survive
+    shutdown_saving(rds)  # the stream, the group and its pending entries survive
+    down_at = time.monotonic()
     wait_for(lambda: "redis unavailable" in err.read_text(), what="the outage noticed")
     web.open_gate("outage")  # their results now wait in the worker for Redis
+
+    def outage_seen() -> bool:
+        # Down on both faces, and more than one command has failed: the storer's too.
+        return watch.ready[-1:] == [503] and watch.up[-1:] == [0] and watch.errors >= 3
+
+    wait_for(outage_seen, what="the outage on /readyz and /metrics")
+    time.sleep(max(0.0, down_at + OUTAGE_SECONDS - time.monotonic()))
     rds.start()
     wait_for(lambda: rds.client().xlen("fetcher:results") == GATE_JOBS, what="stored results")
     # Work after the outage goes through every connection the worker had before it.
@@ -114,6 +133,16 @@ def _ride_out_an_outage(
     wait_for(lambda: rds.client().xlen("fetcher:results") == total, what="every result")
     wait_for(lambda: watch.ready[-1:] == [200] and watch.up[-1:] == [1], what="ready again")
     proc.send_signal(signal.SIGTERM)
+
+
+def shutdown_saving(rds: RedisPeer) -> None:
+    """``rds.stop(save=True)`` without the seconds redis-py's client spends retrying the
+    connection SHUTDOWN closes."""
+    client = redis.Redis(host="127.0.0.1", port=rds.port, retry=Retry(NoBackoff(), 0))
+    with contextlib.suppress(rexc.ConnectionError):
+        client.shutdown(save=True)
+    assert rds.proc is not None
+    rds.proc.wait(10)
 
 
 # -- the state machine, in process ---------------------------------------------------------------
