@@ -36,6 +36,7 @@ ErrorType = Literal[
     "smtp_temporary",
     "smtp_rejected",
     "smtp_auth",
+    "proxy",
     "checksum",
     "save",
     "abandoned",

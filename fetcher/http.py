@@ -29,6 +29,8 @@ from aiohttp.compression_utils import (
     ZSTDDecompressor,
 )
 from aiohttp.connector import Connection
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from .config import Settings, TlsSettings
 from .connector import BoundedConnector
@@ -44,6 +46,9 @@ from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+#  A proxy that could not reach the origin, or is overloaded, may do better on a later try;
+#  what else it refuses with (407 wrong credentials, 403 a destination it denies) will not.
+PROXY_RETRY_STATUSES = frozenset({502, 503, 504})
 DNS_CACHE_SECONDS = 300
 
 
@@ -206,6 +211,7 @@ class HttpHandler:
         save = settings.save
         self._store = None if save.dir is None else BodyStore(save.dir, NameTemplate(save.name))
         self._warc: WarcWriter | None = None  # opened in __aenter__
+        self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -453,10 +459,15 @@ class HttpHandler:
         status = resp.status
         if status < 400:
             return Outcome(fields)
-        retry = status in RETRY_STATUSES and self._may_retry(job, reached=True)
+        # A plain-http request goes to the proxy as a whole, so a refusal can be the proxy's
+        # own answer; over https the proxy only tunnels, and what comes back is the origin's.
+        proxy = self._proxy_of(resp.url) if resp.url.scheme == "http" else None
+        error = proxy_refusal(resp, proxy) if proxy is not None else None
+        retryable = PROXY_RETRY_STATUSES if error is not None else RETRY_STATUSES
+        retry = status in retryable and self._may_retry(job, reached=True)
         return Outcome(
             fields,
-            JobError("http_status", f"HTTP {status} {resp.reason or ''}".rstrip()),
+            error or JobError("http_status", f"HTTP {status} {resp.reason or ''}".rstrip()),
             retry=retry,
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")) if retry else None,
         )
@@ -464,13 +475,26 @@ class HttpHandler:
     def _may_retry(self, job: HttpJob, *, reached: bool) -> bool:
         return not reached or job.retry_unsafe or job.method not in UNSAFE_METHODS
 
+    def _proxy_of(self, url: URL) -> str | None:
+        """``host:port`` of the forward proxy a request for ``url`` goes through, if any."""
+        if self._proxy is not None or not self._settings.trust_env:
+            return self._proxy
+        try:
+            proxy, _ = get_env_proxy_for_url(url)
+        except LookupError:  # no proxy variable for its scheme, or NO_PROXY names the host
+            return None
+        return _host_port(proxy)
+
     def _failure(
         self, job: HttpJob, exc: Exception, resp: aiohttp.ClientResponse | None, timeout: float
     ) -> Outcome:
         fields = _response_fields(job, resp) if resp is not None else _empty_fields(job)
         if self._store is not None:
             fields.setdefault("path", None)
-        error, retryable, reached = classify(exc, timeout)
+        proxy = (
+            self._proxy_of(job.target) if isinstance(exc, aiohttp.ClientHttpProxyError) else None
+        )
+        error, retryable, reached = classify(exc, timeout, proxy=proxy)
         if isinstance(exc, aiohttp.TooManyRedirects):
             fields["redirects"] = max(0, len(exc.history) - 1)  # the last one was not followed
         retry = retryable and self._may_retry(job, reached=reached)
@@ -650,8 +674,34 @@ def _put_body(fields: dict[str, Any], mode: str, body: bytes, charset: str | Non
             fields["body_error"] = f"not valid JSON: {str(exc).splitlines()[0]}"
 
 
-def classify(exc: BaseException, timeout: float) -> tuple[JobError, bool, bool]:
-    """(error, retryable, may have reached the server) for an exception of one attempt."""
+def _host_port(url: URL) -> str:
+    """A proxy as it may be shown: its address, never its credentials."""
+    return f"{url.host}:{url.port}"
+
+
+def proxy_refusal(resp: aiohttp.ClientResponse, proxy: str) -> JobError | None:
+    """The proxy's own refusal of a plain-http request sent through it, or None for the origin's.
+
+    Only what proxies mark as theirs can be told: a 407 (proxy authentication, which proxies
+    send with ``Proxy-Authenticate``; an origin has no use for it) and squid's error pages,
+    which carry ``X-Squid-Error``. A proxy's unmarked 502 or 503 reads like the origin's own.
+    """
+    squid = resp.headers.get("X-Squid-Error")
+    if resp.status != 407 and squid is None:
+        return None
+    message = f"proxy {proxy} answered {resp.status} {_clean(resp.reason or '')}".rstrip()
+    if squid:
+        message += f" (X-Squid-Error: {_clean(squid)})"
+    return JobError("proxy", message)
+
+
+def classify(
+    exc: BaseException, timeout: float, *, proxy: str | None = None
+) -> tuple[JobError, bool, bool]:
+    """(error, retryable, may have reached the server) for an exception of one attempt.
+
+    ``proxy`` names the proxy (``host:port``) for the message of a refused tunnel.
+    """
     if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
         return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
     if isinstance(exc, OSError) and is_blocked_error(exc):  # from the proxied-destination check
@@ -688,14 +738,25 @@ def classify(exc: BaseException, timeout: float) -> tuple[JobError, bool, bool]:
             True,
             False,
         )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # The proxy answered an https job's CONNECT itself: nothing reached the origin.
+        who = f"proxy {proxy}" if proxy else "the proxy"
+        status_line = f"{exc.status} {_clean(exc.message)}".rstrip()
+        return (
+            JobError("proxy", f"{who} refused the tunnel: {status_line}"),
+            exc.status in PROXY_RETRY_STATUSES,
+            False,
+        )
     if isinstance(exc, aiohttp.TooManyRedirects):
         return JobError("too_many_redirects", "too many redirects"), False, True
-    if isinstance(
-        exc, aiohttp.NonHttpUrlRedirectClientError | aiohttp.InvalidUrlRedirectClientError
-    ):
+    if isinstance(exc, aiohttp.RedirectClientError):
         return JobError("too_many_redirects", "redirect to a URL that is not http(s)"), False, True
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return JobError("invalid_url", "URL cannot be requested"), False, False
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        return JobError("tls", "certificate does not match the pinned fingerprint"), False, False
+    if isinstance(exc, aiohttp.UploadAbortedError):
+        return JobError("connect", "connection lost before the request was sent"), True, True
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return JobError("connect", "server closed the connection without a response"), True, True
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -705,6 +766,12 @@ def classify(exc: BaseException, timeout: float) -> tuple[JobError, bool, bool]:
         # follows ": b'" is the peer's own bytes, which have no place in a result line.
         reason = str(exc.message).split(": b'", 1)[0].split(': b"', 1)[0]
         return JobError("protocol", f"malformed response: {_clean(reason)}"), True, True
+    if isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+    ):
+        # A TLS failure after the handshake (which aiohttp reports as ClientConnectorSSLError);
+        # a TLS stream cut short is a lost connection, below.
+        return JobError("tls", f"TLS error: {_os_message(exc)}"), False, True
     if isinstance(exc, aiohttp.ClientOSError | OSError):
         return JobError("connect", f"connection failed: {_os_message(exc)}"), True, True
     if isinstance(exc, aiohttp.ClientError):

@@ -234,7 +234,7 @@ class MailHandler:
             if st.conn is not None and not (_keeps_connection(exc, st) and st.conn.alive):
                 pool.discard(st.conn)
                 st.conn = None
-            error, retry = _classify(exc, st, pool, timeout)
+            error, retry = classify(exc, st, pool, timeout)
             return _outcome(st, message_id, error, retry=retry)
         else:
             return _outcome(st, message_id, _st_error(st), retry=_st_retry(st))
@@ -488,7 +488,7 @@ def _reply_error(code: int, text: str, what: str) -> tuple[JobError, bool]:
     return JobError(kind, f"{what}: {code} {_clean(text)}".rstrip()), kind == "smtp_temporary"
 
 
-def _classify(
+def classify(
     exc: Exception, st: _Attempt, pool: ProfilePool, timeout: float
 ) -> tuple[JobError, bool]:
     """(error, retryable) for an exception of one attempt; sets ``st.status`` from replies."""
@@ -536,6 +536,17 @@ def _classify(
     if isinstance(exc, aiosmtplib.SMTPDataError):
         st.status = exc.code
         return _reply_error(exc.code, exc.message, f"{where} refused the message")
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):  # as _login() reports it
+        st.status = exc.code
+        if 400 <= exc.code < 500:
+            return _reply_error(exc.code, exc.message, f"{where} deferred login")
+        return JobError("smtp_auth", f"{where} refused login: {exc.code}"), False
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):  # every recipient, from sendmail()
+        codes = [r.code for r in exc.recipients]
+        deferred = any(400 <= c < 500 for c in codes)
+        listed = "; ".join(f"{r.recipient}: {r.code} {_clean(r.message)}" for r in exc.recipients)
+        kind: ErrorType = "smtp_temporary" if deferred else "smtp_rejected"
+        return JobError(kind, f"{where} refused every recipient ({listed[:300]})"), deferred
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         st.status = exc.code
         error, retry = _reply_error(exc.code, exc.message, f"{where} answered {st.phase}")

@@ -10,7 +10,8 @@ CollectorRegistry, so nothing leaks in from (or out to) the process-wide default
 - ``/healthz``: 200 while the event loop turns; a loop blocked for longer than
   ``STALL_SECONDS`` answers 503 once it runs again (and times out while it is blocked).
 - ``/readyz``: 200 when every readiness check passes (the HTTP session is open; in worker mode,
-  Redis answers PING), else 503 with the failing checks.
+  Redis is reachable, as the worker's own commands last found it), else 503 with the failing
+  checks.
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ class Metrics:
                 "fetcher_claimed_entries", "Entries claimed from other consumers", registry=r
             )
             self.redis_up = Gauge(
-                "fetcher_redis_up", "1 when the last Redis command succeeded", registry=r
+                "fetcher_redis_up",
+                "1 while Redis is reachable (0 from the failure that starts an outage to the "
+                "first command that succeeds after it)",
+                registry=r,
             )
             self.redis_errors = Counter(
                 "fetcher_redis_errors",

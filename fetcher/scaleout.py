@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import sys
+import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aredis
 import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
 from .errors import FetcherError, SetupError
@@ -58,8 +61,17 @@ class RedisUnavailable(FetcherError):
     """Redis could not be reached or refused a command."""
 
 
-def connect(url: str) -> aredis.Redis:
-    """A client for ``url``; raises SetupError for a URL that cannot be used."""
+def connect(url: str, *, reconnect_once: bool = False) -> aredis.Redis:
+    """A client for ``url``; raises SetupError for a URL that cannot be used.
+
+    ``reconnect_once``: a command that fails on a dead connection is sent once more, at once, on
+    a fresh one, and then fails for good; the caller's own backoff does the waiting. (redis-py's
+    default retries each command for seconds, which hides an outage from a worker's health and
+    keeps reporting it after Redis is back.)
+    """
+    options: dict[str, Any] = {}
+    if reconnect_once:
+        options["retry"] = Retry(NoBackoff(), 1)
     try:
         return aredis.Redis.from_url(
             url,
@@ -67,6 +79,7 @@ def connect(url: str) -> aredis.Redis:
             # Longer than any BLOCK we ask for, so a blocking read is not cut off as a timeout.
             socket_timeout=15,
             socket_keepalive=True,
+            **options,
         )
     except ValueError as exc:
         raise SetupError(f"--redis {mask_url(url)}: {exc}") from None
@@ -108,6 +121,53 @@ async def retrying(what: str, call: Callable[[], Awaitable[T]], backoff: Backoff
             log.warning("redis reachable again (%s)", what)
             backoff.reset()
         return value
+
+
+class RedisHealth:
+    """Whether Redis is reachable, as seen by every command of one process: one state for all
+    of its connections, so one outage is one "unavailable" line and one "reachable again" line.
+
+    A command takes a ``ticket()`` before it starts and reports with it. Only a command that
+    started after the last change of state may change it again: one already under way when
+    the state changed (a blocking read still waiting on a socket from before the outage, or a
+    command that succeeded just as another one found Redis gone) brings old news, and its
+    connection is simply made again. ``on_change(up)`` is called at each change.
+    """
+
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        self.up: bool | None = None  # None until the first command answers
+        self.reason = "not reached yet"
+        self._since = time.monotonic()
+        self._epoch = 0
+        self._on_change = on_change
+
+    def ticket(self) -> int:
+        return self._epoch
+
+    def ok(self, ticket: int) -> None:
+        if self.up or ticket != self._epoch:
+            return
+        if self.up is False:
+            log.warning("redis reachable again after %.1f s", time.monotonic() - self._since)
+        self._change(True, "")
+
+    def failed(self, ticket: int, what: str, exc: BaseException) -> None:
+        if self.up is False or ticket != self._epoch:
+            log.debug("redis %s failed on an old connection: %s", what, describe(exc))
+            return
+        self.reason = f"{what}: {describe(exc)}"
+        log.warning(
+            "redis unavailable (%s); retrying with backoff, held jobs stay pending", self.reason
+        )
+        self._change(False, self.reason)
+
+    def _change(self, up: bool, reason: str) -> None:
+        self.up = up
+        self.reason = reason
+        self._since = time.monotonic()
+        self._epoch += 1
+        if self._on_change is not None:
+            self._on_change(up)
 
 
 class IdSet:

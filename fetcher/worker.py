@@ -50,6 +50,7 @@ from .scaleout import (
     DEFAULT_STREAM,
     TRANSIENT,
     Backoff,
+    RedisHealth,
     connect,
     describe,
 )
@@ -131,7 +132,7 @@ class Worker:
         self._stop_at = 0.0
         self._signal: signal.Signals | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
-        self._down_since: float | None = None
+        self.health = RedisHealth(self._redis_changed)
         self._exit = EXIT_OK
 
     @property
@@ -157,14 +158,14 @@ class Worker:
         tasks: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
-                self._redis = connect(opts.redis_url)
+                self._redis = connect(opts.redis_url, reconnect_once=True)
                 stack.push_async_callback(self._redis.aclose)
                 # A worker adds to its WARC file as to its OUT: restarts append (resume).
                 appending = self.settings.model_copy(update={"resume": True})
                 handlers = await build_handlers(appending, stack)
                 if self.metrics is not None:
                     handlers = self.metrics.wrap(handlers)
-                    self.metrics.add_check("redis", self._ping)
+                    self.metrics.add_check("redis", self._redis_ready)
                     self.metrics.held.set_function(lambda: len(self._held))
                 self._pool = Pool(
                     handlers=handlers,
@@ -260,6 +261,7 @@ class Worker:
                 self._freed.clear()
                 await self._freed.wait()
                 continue
+            ticket = self.health.ticket()
             try:
                 if not group_ready:
                     await self._ensure_group()
@@ -280,7 +282,7 @@ class Worker:
                     log.info("no jobs left in %s: worker done", opts.stream)
                     self._inbox.put_nowait(None)
                     return
-                self._redis_ok()
+                self.health.ok(ticket)
                 backoff.reset()
             except rexc.ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -290,7 +292,7 @@ class Worker:
                 self._fatal(f"redis refused a read: {describe(exc)}")
                 return
             except TRANSIENT as exc:
-                self._redis_failed("read", exc)
+                self._redis_failed(ticket, "read", exc)
                 await asyncio.sleep(backoff.next())
 
     async def _ensure_group(self) -> None:
@@ -419,18 +421,19 @@ class Worker:
                     pipe.xadd(self._dead_stream, {"job": dead, "entry": entry_id})
             # One XACK for the batch: half the commands, and the same all-or-nothing EXEC.
             pipe.xack(opts.stream, opts.group, *(entry_id for entry_id, _, _ in batch))
+            ticket = self.health.ticket()
             try:
                 await pipe.execute()
             except TRANSIENT as exc:
                 # Whether EXEC ran is unknown; running it again may store a result twice,
                 # which collect removes. Acknowledging without storing cannot happen.
-                self._redis_failed("store", exc)
+                self._redis_failed(ticket, "store", exc)
                 await asyncio.sleep(backoff.next())
                 continue
             except rexc.ResponseError as exc:
                 self._fatal(f"redis refused to store results: {describe(exc)}")
                 return
-            self._redis_ok()
+            self.health.ok(ticket)
             backoff.reset()
             del self._store[: len(batch)]
             for entry_id, _, _ in batch:
@@ -451,12 +454,13 @@ class Worker:
         while True:
             await asyncio.sleep(every)
             held = list(self._held)
+            ticket = self.health.ticket()
             try:
                 for i in range(0, len(held), REFRESH_BATCH):
                     chunk = held[i : i + REFRESH_BATCH]
                     await script(keys=[opts.stream], args=[opts.group, opts.consumer, *chunk])
             except TRANSIENT as exc:
-                self._redis_failed("refresh", exc)
+                self._redis_failed(ticket, "refresh", exc)
             except rexc.ResponseError as exc:
                 log.debug("refresh refused: %s", describe(exc))
 
@@ -475,32 +479,20 @@ class Worker:
                         self.metrics.queue_lag.set(int(g["lag"]))
             await asyncio.sleep(QUEUE_STATS_SECONDS)
 
-    async def _ping(self) -> str | None:
-        try:
-            await self.redis.ping()
-        except (*TRANSIENT, rexc.RedisError) as exc:
-            return describe(exc)
-        return None
+    async def _redis_ready(self) -> str | None:
+        # The state the worker's own commands found, not a PING of its own: /readyz and
+        # fetcher_redis_up tell one story, and change once each way per outage.
+        return None if self.health.up else self.health.reason
 
     # -- state changes -----------------------------------------------------------------------
 
-    def _redis_ok(self) -> None:
-        if self._down_since is not None:
-            log.warning("redis reachable again after %.1f s", time.monotonic() - self._down_since)
-            self._down_since = None
+    def _redis_changed(self, up: bool) -> None:
         if self.metrics is not None:
-            self.metrics.redis_up.set(1)
+            self.metrics.redis_up.set(1 if up else 0)
 
-    def _redis_failed(self, what: str, exc: BaseException) -> None:
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            log.warning(
-                "redis unavailable (%s: %s); retrying with backoff, held jobs stay pending",
-                what,
-                describe(exc),
-            )
+    def _redis_failed(self, ticket: int, what: str, exc: BaseException) -> None:
+        self.health.failed(ticket, what, exc)
         if self.metrics is not None:
-            self.metrics.redis_up.set(0)
             self.metrics.redis_errors.inc()
 
     def _on_signal(self, sig: signal.Signals) -> None:

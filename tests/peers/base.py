@@ -1,0 +1,61 @@
+"""A server thread: an event loop of its own, so sync tests can block on a subprocess while
+the peer answers it, and async tests on another loop can use it alike."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, Self, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Subclasses write ``_start()`` (bind, set ``self.port``) and ``_stop()``."""
+
+    def __init__(self, name: str) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the peer's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.call(self._start())
+
+    def stop(self) -> None:
+        try:
+            self.call(self._stop())
+        finally:
+            # Settled on the peer's own loop: the caller may be running a loop of its own.
+            self.call(_settle())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+
+async def _settle() -> None:
+    """End what still runs on this loop (handlers waiting on a peer that never hung up)."""
+    this = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not this]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
