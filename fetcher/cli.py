@@ -289,8 +289,8 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .config import load_settings
+    from .inputs import FirstLines
     from .jobs import InvalidJob, JobParser
-    from .resume import id_hash
     from .sources import JobSource
 
     settings = load_settings(args.config, input_overrides(args))
@@ -298,7 +298,7 @@ def _validate(args: argparse.Namespace) -> int:
     source = JobSource.for_settings(args.jobs, parser, settings)
     where = "<stdin>" if args.jobs == "-" else args.jobs
     total = bad = 0
-    seen: dict[int, int] = {}
+    seen = FirstLines()
     #  Line numbers as ids cannot repeat: a URL list is checked in constant memory.
     check_ids = not source.ids_are_positions
     for item in source:
@@ -309,7 +309,7 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         if not check_ids:
             continue
-        first = seen.setdefault(id_hash(item.id), item.line)
+        first = seen.first(item.id, item.line)
         if first != item.line:
             bad += 1
             print(f"{where}:{item.line}: invalid_job: id {item.id!r} repeats line {first}")

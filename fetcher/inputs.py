@@ -20,12 +20,14 @@ import gzip
 import os
 import re
 import threading
+from array import array
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .config import expand_env
 from .errors import ConfigError, JobFileError
 from .jobs import HttpJob, InvalidJob, MailJob
+from .resume import id_hash
 from .timeutil import utc_now_iso
 
 FORMATS = ("jsonl", "yaml", "urls", "csv", "tsv")
@@ -278,6 +280,58 @@ class CsvRows:
         return obj
 
 
+#  Line numbers past this (four billion lines) are remembered as this.
+MAX_LINE_NUMBER = 2**32 - 1
+
+
+# -- ids already seen, for validate -----------------------------------------------------------
+
+
+class FirstLines:
+    """The first line of every job id seen, as a 64-bit hash and a 32-bit line number in two
+    arrays of one open-addressing table: 24 bytes an id at most (it stays at most half full),
+    against ~100 for a dict, so validating a million ids fits in tens of MB. Two ids colliding
+    in 64 bits are as unlikely as for ``--resume`` (resume.py)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._hashes = array("Q", bytes(8 * capacity))
+        self._lines = array("I", bytes(4 * capacity))
+        self._mask = capacity - 1
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def first(self, job_id: str, line: int) -> int:
+        """The line ``job_id`` was first seen at; ``line`` (now remembered) if never before."""
+        return self._insert(id_hash(job_id) or 1, line)  # 0 marks an empty slot
+
+    def _insert(self, h: int, line: int) -> int:
+        hashes, mask = self._hashes, self._mask
+        i = h & mask
+        while (v := hashes[i]) != 0:
+            if v == h:
+                return self._lines[i]
+            i = (i + 1) & mask
+        hashes[i] = h
+        self._lines[i] = min(line, MAX_LINE_NUMBER)
+        self._len += 1
+        if self._len * 2 > mask:
+            self._grow()
+        return line
+
+    def _grow(self) -> None:
+        hashes, lines = self._hashes, self._lines
+        size = 2 * len(hashes)
+        self._hashes = array("Q", bytes(8 * size))
+        self._lines = array("I", bytes(4 * size))
+        self._mask = size - 1
+        self._len = 0
+        for h, line in zip(hashes, lines, strict=True):
+            if h:
+                self._insert(h, line)
+
+
 # -- counting jobs, for the progress total -------------------------------------------------------
 
 #  A line that yields a job: anything but whitespace (JSONL), and not a comment (URL lists).
@@ -308,8 +362,11 @@ class JobCount:
         self._path = path
         self._format = fmt
         self._select = select
+        self._ended = threading.Event()
         if known is None and path != "-":
             threading.Thread(target=self._count, name="fetcher-count", daemon=True).start()
+        else:
+            self._ended.set()
 
     def settle(self, value: int) -> None:
         self.value, self.exact = value, True
@@ -317,7 +374,17 @@ class JobCount:
     def get(self) -> tuple[int | None, bool]:
         return self.value, self.exact
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the count has ended (known, or given up on) within ``timeout`` seconds."""
+        return self._ended.wait(timeout)
+
     def _count(self) -> None:
+        try:
+            self._count_now()
+        finally:
+            self._ended.set()
+
+    def _count_now(self) -> None:
         try:
             if self._path.endswith(".gz"):
                 value, exact = self._estimate_gzip()
