@@ -26,7 +26,7 @@ from fetcher.jobs import HttpJob, InvalidJob, JobParser
 from fetcher.sources import Item, JobSource
 
 from .app import ServerThread
-from .test_e2e import by_id, clean_env, fetcher, json_lines
+from .test_e2e import EXAMPLES, by_id, clean_env, fetcher, json_lines
 
 
 def read(path: Path | str, **options: Any) -> list[Item]:
@@ -479,3 +479,52 @@ def test_enqueue_new_formats(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert listed == [{"id": "2", "url": "http://127.0.0.1:9/1", "timeout": 5, "headers": auth}]
     assert piped == [{"id": "1", "url": "http://127.0.0.1:9/p"}]
+
+
+# -- the examples the quick start begins with ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def examples_port() -> Iterator[int]:
+    """``python3 -m http.server`` serving examples/, as the quick start does, on a free port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+        cwd=EXAMPLES,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline().decode()
+        port = banner.split(" port ")[1].split()[0]
+        yield int(port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize("name", ["urls.txt", "urls.csv"])
+def test_url_list_examples_run_as_the_quick_start_says(
+    examples_port: int, tmp_path: Path, name: str
+) -> None:
+    assert fetcher("validate", EXAMPLES / name).returncode == 0
+    jobs = tmp_path / name
+    jobs.write_text((EXAMPLES / name).read_text().replace(":8000/", f":{examples_port}/"))
+    proc = fetcher("run", jobs)
+    assert proc.returncode == 1, proc.stderr.decode()  # missing.html is a 404
+    results = json_lines(proc.stdout)
+    assert len(results) == (4 if name == "urls.txt" else 3)
+    failed = [r for r in results if not r["ok"]]
+    assert [r["url"].rsplit("/", 1)[1] for r in failed] == ["missing.html"]
+    assert failed[0]["status"] == 404
+    if name == "urls.csv":
+        assert by_id(results)["hello"]["meta"] == {"owner": "docs", "note": "a note, with a comma"}
+
+
+def test_truncated_gzip_csv_stops_the_read_with_the_reason(tmp_path: Path) -> None:
+    rows = b"url\n" + b"".join(b"http://a.test/%d\n" % i for i in range(50_000))
+    path = _write(tmp_path / "jobs.csv.gz", gzip.compress(rows)[:-2000])
+    with pytest.raises(JobFileError, match=r"cannot read job file .*jobs\.csv\.gz"):
+        read(path)
