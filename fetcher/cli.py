@@ -53,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run every job in a job file, one result line per job")
-    run.add_argument(
-        "jobs", metavar="JOBS", help="job file (.jsonl, .ndjson, .yaml, .yml, +.gz) or -"
-    )
+    run.add_argument("jobs", metavar="JOBS", help=JOBS_HELP)
     run.add_argument(
         "-o", "--output", default="-", metavar="OUT", help="results file, - for stdout"
     )
@@ -77,15 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes", type=int, metavar="P", help="worker processes, one merged output (1)"
     )
     _add_metrics_options(run)
+    add_input_options(run)
 
     val = sub.add_parser("validate", help="check a job file without touching the network")
-    val.add_argument("jobs", metavar="JOBS")
+    val.add_argument("jobs", metavar="JOBS", help=JOBS_HELP)
     val.add_argument("-c", "--config", metavar="PATH", help="YAML config file (SMTP profiles)")
+    add_input_options(val)
     _add_scaleout_parsers(sub)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job line or a result line")
     schema.add_argument("which", choices=("jobs", "results"), help="jobs or results")
     return parser
+
+
+JOBS_HELP = "job file (.jsonl, .ndjson, .yaml, .yml, .txt, .csv, .tsv, each +.gz) or -"
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """How JOBS is read (run, validate, enqueue); config keys input_format and url_column."""
+    p.add_argument(
+        "--input-format",
+        choices=("jsonl", "yaml", "urls", "csv", "tsv"),
+        help="read JOBS as this format, whatever its name says (stdin: jsonl)",
+    )
+    p.add_argument("--url-column", metavar="NAME", help="the CSV/TSV column of the URLs (url)")
+
+
+def input_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"input_format": args.input_format, "url_column": args.url_column}
 
 
 def add_settings_options(p: argparse.ArgumentParser) -> None:
@@ -212,6 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=args.progress,
         shard=args.shard,
+        **input_overrides(args),
     )
     settings = load_settings(args.config, overrides)
     options = _run_options(args, settings)
@@ -299,22 +317,27 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .config import load_settings
+    from .inputs import FirstLines
     from .jobs import InvalidJob, JobParser
-    from .resume import id_hash
     from .sources import JobSource
 
-    settings = load_settings(args.config)
-    source = JobSource(args.jobs, JobParser(smtp_profiles=settings.smtp.keys()))
+    settings = load_settings(args.config, input_overrides(args))
+    parser = JobParser(smtp_profiles=settings.smtp.keys())
+    source = JobSource.for_settings(args.jobs, parser, settings)
     where = "<stdin>" if args.jobs == "-" else args.jobs
     total = bad = 0
-    seen: dict[int, int] = {}
+    seen = FirstLines()
+    #  Line numbers as ids cannot repeat: a URL list is checked in constant memory.
+    check_ids = not source.ids_are_positions
     for item in source:
         total += 1
         if isinstance(item, InvalidJob):
             bad += 1
             print(f"{where}:{item.line}: {item.type}: {item.message}")
             continue
-        first = seen.setdefault(id_hash(item.id), item.line)
+        if not check_ids:
+            continue
+        first = seen.first(item.id, item.line)
         if first != item.line:
             bad += 1
             print(f"{where}:{item.line}: invalid_job: id {item.id!r} repeats line {first}")
@@ -356,10 +379,11 @@ def _add_scaleout_parsers(sub: Any) -> None:
     from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
 
     enq = sub.add_parser("enqueue", help="validate a job file and add its jobs to a Redis stream")
-    enq.add_argument("jobs", metavar="JOBS", help="job file or -")
+    enq.add_argument("jobs", metavar="JOBS", help=JOBS_HELP)
     _add_redis_option(enq)
     enq.add_argument("--stream", default=DEFAULT_STREAM, help=f"job stream ({DEFAULT_STREAM})")
     enq.add_argument("-c", "--config", metavar="PATH", help="YAML config file (SMTP profiles)")
+    add_input_options(enq)
 
     wrk = sub.add_parser("worker", help="run jobs from a Redis stream until stopped")
     _add_redis_option(wrk)
@@ -427,10 +451,8 @@ async def _enqueue(args: argparse.Namespace) -> int:
     from .config import load_settings
     from .scaleout import enqueue
 
-    settings = load_settings(args.config)
-    report = await enqueue(
-        args.jobs, url=args.redis, stream=args.stream, smtp_profiles=settings.smtp.keys()
-    )
+    settings = load_settings(args.config, input_overrides(args))
+    report = await enqueue(args.jobs, url=args.redis, stream=args.stream, settings=settings)
     print(
         f"fetcher: {report.added} jobs added to {args.stream}, {report.invalid} invalid",
         file=sys.stderr,

@@ -154,6 +154,11 @@ class Settings(BaseModel):
     shard: str | None = None  # "K/N", or "N" with K from $JOB_COMPLETION_INDEX
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    #  How job files are read (inputs.py): the format when the name does not tell it, the
+    #  CSV / TSV column of the URLs, and fields merged under every job of every format.
+    input_format: Literal["jsonl", "yaml", "urls", "csv", "tsv"] | None = None
+    url_column: str = Field(default="url", min_length=1)
+    job_defaults: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -351,7 +356,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path}: expected a mapping of keys, got {type(data).__name__}"
         )
-    expanded: dict[str, Any] = _expand_tree(data, str(path))
+    # job_defaults keep their ${NAME} references: they are expanded job by job, as a job
+    # file's are, so that `fetcher enqueue` never stores a secret in Redis.
+    expanded: dict[str, Any] = {
+        key: value if key == "job_defaults" else _expand_tree(value, f"{path}.{key}")
+        for key, value in data.items()
+    }
     return expanded
 
 

@@ -375,6 +375,11 @@ class JobParser:
         self._profiles = frozenset(smtp_profiles)
         self._environ = os.environ if environ is None else environ
 
+    @property
+    def environ(self) -> Mapping[str, str]:
+        """Where ``${NAME}`` references are looked up."""
+        return self._environ
+
     def invalid(
         self, line: int, message: str, *, id: str | None = None, kind: str | None = None
     ) -> InvalidJob:

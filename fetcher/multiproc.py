@@ -45,6 +45,7 @@ from .runner import (
     Run,
     RunOptions,
     early_exit_code,
+    line_selector,
     make_progress,
     open_output,
 )
@@ -111,6 +112,7 @@ class ParallelRun:
         self._writer: JsonlWriter | None = None
         self._done: DoneIds | None = None  # the ids --resume found in the output
         self._progress: Progress | None = None
+        self._source: JobSource | None = None
 
     def start(self) -> None:
         """Check the job file, open the output and fork the children; call before any event
@@ -118,8 +120,13 @@ class ParallelRun:
         opts = self.options
         if opts.jobs == "-":
             raise SetupError("--processes needs a job file: standard input can be read only once")
-        # Open (and for YAML, parse) the file once here, so a bad file stops the run with exit 2.
-        JobSource(opts.jobs, JobParser(smtp_profiles=self.settings.smtp.keys())).close()
+        # Open (and for YAML, parse; for CSV, read the header of) the file once here, so a bad
+        # file stops the run with exit 2. It stays the parent's, for the progress total.
+        parser = JobParser(smtp_profiles=self.settings.smtp.keys())
+        self._source = JobSource.for_settings(
+            opts.jobs, parser, self.settings, select=line_selector(opts.shard, None)
+        )
+        self._source.close()
         self._writer, self._done = open_output(self.settings, opts)
         # Flushed now, or a child would inherit, and print again, what is still buffered.
         sys.stdout.flush()
@@ -171,7 +178,13 @@ class ParallelRun:
     async def execute(self) -> int:
         opts = self.options
         assert self._writer is not None, "start() first"
-        self._progress = make_progress(self.stats, self.settings, opts.progress)
+        self._progress = make_progress(
+            self.stats,
+            self.settings,
+            opts.progress,
+            source=self._source,
+            initial=len(self._done or ()),
+        )
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)

@@ -69,12 +69,20 @@ def line_selector(
     return select
 
 
-def make_progress(stats: Stats, settings: Settings, progress: bool | None) -> Progress:
+def make_progress(
+    stats: Stats,
+    settings: Settings,
+    progress: bool | None,
+    *,
+    source: JobSource | None = None,
+    initial: int = 0,
+) -> Progress:
     """A bar when asked for, or by default when stderr is a terminal; else periodic log lines
-    (none at all with ``--no-progress``)."""
+    (none at all with ``--no-progress``). The jobs of ``source`` are counted for the total."""
     bar = sys.stderr.isatty() if progress is None else progress
     interval = settings.progress_interval if progress is not False else None
-    return Progress(stats, bar=bar, log_interval=interval)
+    total = source.count().get if source is not None and (bar or interval) else None
+    return Progress(stats, bar=bar, log_interval=interval, total=total, initial=initial)
 
 
 def early_exit_code(error: OutputError | None, sig: signal.Signals | None) -> int | None:
@@ -178,13 +186,17 @@ class Run:
         opts = self.options
         # Everything that can refuse the run happens before any network use.
         parser = JobParser(smtp_profiles=self.settings.smtp.keys())
-        source = JobSource(opts.jobs, parser, select=line_selector(opts.shard, opts.slice))
+        source = JobSource.for_settings(
+            opts.jobs, parser, self.settings, select=line_selector(opts.shard, opts.slice)
+        )
         try:
             self._writer, done = open_output(self.settings, opts)
         except BaseException:
             source.close()
             raise
-        self._progress = make_progress(self.stats, self.settings, opts.progress)
+        self._progress = make_progress(
+            self.stats, self.settings, opts.progress, source=source, initial=len(done or ())
+        )
         # Results are counted (for progress and the summary) as their lines are flushed.
         unflushed = self._unflushed = Stats()
         self._writer.on_flush = lambda: self.stats.absorb(unflushed)
@@ -203,8 +215,8 @@ class Run:
                 loop.remove_signal_handler(sig)
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
+            self._close_writer()  # first: the bar's last draw counts the last flushed lines
             self._progress.close()
-            self._close_writer()
             if opts.summary:
                 print(self.stats.summary(), file=sys.stderr, flush=True)
         return self._exit_code()

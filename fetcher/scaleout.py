@@ -27,7 +27,7 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
+from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM, Settings
 from .errors import FetcherError, SetupError
 from .jobs import InvalidJob, JobParser, mask_url
 from .resume import DoneIds, id_hash, prepare_resume
@@ -240,7 +240,8 @@ async def enqueue(
     *,
     url: str,
     stream: str,
-    smtp_profiles: Any,
+    smtp_profiles: Any = None,
+    settings: Settings | None = None,
     err: Any = sys.stderr,
 ) -> EnqueueReport:
     """Validate every job of ``jobs_path`` and add the valid ones to ``stream``.
@@ -248,8 +249,11 @@ async def enqueue(
     Invalid jobs (and repeated ids) are reported on ``err`` with their line numbers and left out.
     Batches go out while the next one is being parsed. Raises RedisUnavailable.
     """
+    settings = settings or Settings()
+    if smtp_profiles is None:
+        smtp_profiles = settings.smtp.keys()
     parser = _KeepRaw(smtp_profiles=smtp_profiles)
-    source = JobSource(jobs_path, parser)
+    source = JobSource.for_settings(jobs_path, parser, settings)
     where = "<stdin>" if jobs_path == "-" else jobs_path
     report = EnqueueReport()
     seen = IdSet()

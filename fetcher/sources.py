@@ -1,11 +1,15 @@
-"""Job sources: a JSONL stream (plain, .gz or stdin) or a YAML document, as an async iterator.
+"""Job sources: a job file of any input format (plain, .gz or stdin), as an async iterator.
 
-JSONL is read in batches, one batch held at a time, so a ten-million-line file costs no more
-memory than a short one. A file on disk is read on the loop itself, BATCH_LINES lines a batch
-(the fastest way through a big file). A pipe or terminal is read in a thread, so a slow writer
-never blocks the event loop, and gives whatever lines have arrived, so a job piped in runs at
-once, not when 2048 more have come. YAML has no streaming form worth the name, so a YAML job
-file is loaded whole (keep those small; use JSONL for big batches).
+JSONL and URL lists are read in batches of lines, one batch held at a time, so a ten-million-line
+file costs no more memory than a short one; CSV / TSV in batches of rows (inputs.py parses them).
+A file on disk is read on the loop itself, BATCH_LINES lines a batch (the fastest way through a
+big file). A pipe or terminal is read in a thread, so a slow writer never blocks the event loop,
+and gives whatever lines have arrived, so a job piped in runs at once, not when 2048 more have
+come. YAML has no streaming form worth the name, so a YAML job file is loaded whole (keep those
+small; use JSONL for big batches).
+
+Every format's job objects are merged over the config's ``job_defaults`` (a YAML file's own
+``defaults`` sit between the two) before the parser validates them.
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ import gzip
 import io
 import os
 import queue
+import re
 import stat
 import sys
 import threading
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
 import orjson
 
 from .errors import JobFileError
+from .inputs import CsvRows, JobCount, check_job_defaults, input_format, url_object
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 
-SUFFIXES = (".jsonl", ".ndjson", ".yaml", ".yml")
+if TYPE_CHECKING:
+    from .config import Settings
+
 BATCH_LINES = 2048
 #  The most a pipe read asks for at once (a Linux pipe holds 64 KiB).
 PIPE_READ_BYTES = 64 * 1024
@@ -37,24 +45,19 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 
 Item = HttpJob | MailJob | InvalidJob
 Line = tuple[int, bytes | None]
+#  A line (JSONL, URL lists) or a row (CSV, TSV: its cells, or why it is not a row).
+Record = tuple[int, Any]
+R = TypeVar("R")
 
 
-def job_format(path: str) -> str:
-    """``jsonl`` or ``yaml`` from the file name; ``-`` is JSONL on stdin."""
-    if path == "-":
-        return "jsonl"
-    name = path[:-3] if path.endswith(".gz") else path
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return "yaml" if suffix in (".yaml", ".yml") else "jsonl"
-    raise JobFileError(
-        f"{path}: job files must end in .jsonl, .ndjson, .yaml or .yml (optionally .gz), or be -"
-    )
+def job_format(path: str, override: str | None = None) -> str:
+    """``jsonl``, ``yaml``, ``urls``, ``csv`` or ``tsv``: ``override`` if given, else told by
+    the file name; ``-`` is JSONL on stdin."""
+    return input_format(path, override)
 
 
 def open_jobs(path: str) -> BinaryIO:
     """Open a job file for reading; raises JobFileError with the reason."""
-    job_format(path)
     if path == "-":
         return sys.stdin.buffer
     try:
@@ -69,29 +72,94 @@ def open_jobs(path: str) -> BinaryIO:
 
 
 class JobSource:
-    """Reads a job file and yields validated jobs (or InvalidJob) with their line numbers."""
+    """Reads a job file and yields validated jobs (or InvalidJob) with their line numbers.
+
+    ``input_format`` overrides the format the name tells; ``url_column`` is the CSV / TSV column
+    of the URLs; ``defaults`` (the config's ``job_defaults``) are merged under every job.
+    """
 
     def __init__(
-        self, path: str, parser: JobParser, *, select: Callable[[int], bool] | None = None
+        self,
+        path: str,
+        parser: JobParser,
+        *,
+        select: Callable[[int], bool] | None = None,
+        input_format: str | None = None,
+        url_column: str = "url",
+        defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = path
-        self.format = job_format(path)
+        self.format = job_format(path, input_format)
         self._parser = parser
         #  Which lines (1-based) to read at all: shards and process slices skip the rest unparsed.
         self._select = select
+        self._defaults = dict(defaults or {})
+        if self._defaults:
+            check_job_defaults(self._defaults, parser.environ)
+        #  ${NAME} in the defaults is expanded job by job (unexpanded in what enqueue stores).
+        self._expand_defaults = _has_reference(self._defaults)
+        self._count: JobCount | None = None
+        self._yielded = 0
         self._file = open_jobs(path)
+        #  A pipe's descriptor, duplicated, when CSV rows are read from it (see _StreamReader).
+        self._pipe_fd: int | None = None
+        self._rows: CsvRows | None = None
         self._yaml_items: list[Item] = []
-        if self.format == "yaml":
-            # Loaded now, so that a file that is not valid YAML stops the run before it starts
-            # (exit 2, one line), not after the output was opened.
-            try:
-                self._yaml_items = self._load_yaml()
-            finally:
-                self.close()
+        try:
+            if self.format == "yaml":
+                # Loaded now, so that a file that is not valid YAML stops the run before it
+                # starts (exit 2, one line), not after the output was opened.
+                try:
+                    self._yaml_items = self._load_yaml()
+                finally:
+                    self.close()
+            elif self.format in ("csv", "tsv"):
+                # The header is read now: a missing URL column is a usage error, exit 2.
+                self._rows = self._open_rows(url_column)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def for_settings(
+        cls,
+        path: str,
+        parser: JobParser,
+        settings: Settings,
+        *,
+        select: Callable[[int], bool] | None = None,
+    ) -> JobSource:
+        """A source read as ``settings`` say (input_format, url_column, job_defaults)."""
+        return cls(
+            path,
+            parser,
+            select=select,
+            input_format=settings.input_format,
+            url_column=settings.url_column,
+            defaults=settings.job_defaults,
+        )
+
+    @property
+    def ids_are_positions(self) -> bool:
+        """Whether every id is its line or row number, so none can repeat."""
+        return self.format == "urls" or (self._rows is not None and not self._rows.has_id)
+
+    def count(self) -> JobCount:
+        """The number of jobs this source will yield, counted in the background."""
+        if self._count is None:
+            known = None
+            if self.format == "yaml":
+                select = self._select
+                known = sum(1 for i in self._yaml_items if select is None or select(i.line))
+            self._count = JobCount(self.path, self.format, select=self._select, known=known)
+        return self._count
 
     def close(self) -> None:
         if self._file is not sys.stdin.buffer:
             self._file.close()
+        if self._pipe_fd is not None:
+            os.close(self._pipe_fd)
+            self._pipe_fd = None
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         try:
@@ -101,36 +169,46 @@ class JobSource:
                     if select is None or select(item.line):
                         yield item
             else:
+                decode = self._decoder()
                 # Closed with the source, so that a stream's reader thread is told to end.
                 async with contextlib.aclosing(self._batches()) as batches:
                     async for batch in batches:
                         for lineno, raw in batch:
                             if select is None or select(lineno):
-                                yield self._parse_line(lineno, raw)
+                                job = decode(lineno, raw)
+                                if job is not None:
+                                    self._yielded += 1
+                                    yield job
+                if self._count is not None:
+                    self._count.settle(self._yielded)
         finally:
             self.close()
 
-    async def _batches(self) -> AsyncGenerator[list[Line], None]:
+    async def _batches(self) -> AsyncGenerator[list[Record], None]:
         descriptor = _descriptor(self._file)
-        if descriptor is not None and descriptor[1]:
+        if descriptor is not None and descriptor[1] and self._pipe_fd is None:
             # A file on disk (or its decompressor) answers at once: a batch is read on the
             # loop in about a millisecond, less than a thread per batch cost in handing the
             # interpreter back and forth between the thread and the loop.
-            lines = self._lines()
-            while batch := _take(lines, BATCH_LINES):
+            records = self._records()
+            while batch := _take(records, BATCH_LINES):
                 yield batch
                 # Between batches the loop gets a turn even when no job had to wait (a
                 # file of refused lines): signals, progress and flushes are not held up.
                 await asyncio.sleep(0)
             return
-        if descriptor is None or self.path.endswith(".gz"):
+        if self._rows is not None:
+            reader: _StreamReader[Record] = _StreamReader(self._row_batches(), self._take_pipe_fd())
+        elif descriptor is None or self.path.endswith(".gz"):
             # A .gz decompressor already holds data read ahead of the descriptor: it is read in
             # batches in a thread (on a pipe, a batch then waits for its lines to come).
             lines = self._lines()
             while batch := await asyncio.to_thread(_take, lines, BATCH_LINES):
                 yield batch
             return
-        reader = _StreamReader(descriptor[0], self.path)
+        else:
+            fd = os.dup(descriptor[0])
+            reader = _StreamReader(_pipe_line_batches(fd, self.path), fd)
         try:
             while batch := await reader.batch():
                 yield batch
@@ -140,13 +218,23 @@ class JobSource:
     def __iter__(self) -> Iterator[Item]:
         """Synchronous reading, for ``fetcher validate`` and other callers without a loop."""
         try:
+            select = self._select
             if self.format == "yaml":
-                yield from self._yaml_items
+                for item in self._yaml_items:
+                    if select is None or select(item.line):
+                        yield item
             else:
-                for lineno, raw in self._lines():
-                    yield self._parse_line(lineno, raw)
+                decode = self._decoder()
+                for lineno, raw in self._records():
+                    if select is None or select(lineno):
+                        job = decode(lineno, raw)
+                        if job is not None:
+                            yield job
         finally:
             self.close()
+
+    def _records(self) -> Iterator[Record]:
+        return self._lines() if self._rows is None else iter(self._rows)
 
     def _lines(self) -> Iterator[Line]:
         # A file can fail part way (a truncated .gz, an I/O error): stop the run with the
@@ -157,6 +245,13 @@ class JobSource:
             reason = getattr(exc, "strerror", None) or _first_line(str(exc))
             raise JobFileError(f"cannot read job file {self.path}: {reason}") from None
 
+    def _decoder(self) -> Callable[[int, Any], Item | None]:
+        if self.format == "jsonl":
+            return self._parse_line
+        if self.format == "urls":
+            return self._parse_url_line
+        return self._parse_row
+
     def _parse_line(self, lineno: int, raw: bytes | None) -> Item:
         if raw is None:
             return self._parser.invalid(lineno, f"line is longer than {MAX_LINE_BYTES} bytes")
@@ -165,7 +260,77 @@ class JobSource:
         except orjson.JSONDecodeError as exc:
             return self._parser.invalid(lineno, f"not valid JSON: {_first_line(str(exc))}")
         # Expanding ${NAME} walks the whole job; skip the walk when the line holds no reference.
+        if self._defaults:
+            return self._parser.parse(
+                merge_defaults(self._defaults, obj),
+                lineno,
+                expand=self._expand_defaults or b"${" in raw,
+            )
         return self._parser.parse(obj, lineno, expand=b"${" in raw)
+
+    def _parse_url_line(self, lineno: int, raw: bytes | None) -> Item | None:
+        obj = url_object(lineno, raw, MAX_LINE_BYTES)
+        if obj is None or isinstance(obj, InvalidJob):
+            return obj
+        return self._parse_data(obj, lineno)
+
+    def _parse_row(self, number: int, row: Any) -> Item:
+        assert self._rows is not None
+        obj = self._rows.job_object(number, row)
+        if isinstance(obj, InvalidJob):
+            return obj
+        return self._parse_data(obj, number)
+
+    def _parse_data(self, obj: dict[str, Any], lineno: int) -> Item:
+        """A job object of a URL list or CSV row: data, never expanded; under the defaults."""
+        if not self._defaults:
+            return self._parser.parse(obj, lineno, expand=False)
+        if self._expand_defaults:
+            # The defaults' references are expanded, the data's kept literal ($${ is ${).
+            obj = _escape_references(obj)
+        return self._parser.parse(
+            merge_defaults(self._defaults, obj), lineno, expand=self._expand_defaults
+        )
+
+    def _open_rows(self, url_column: str) -> CsvRows:
+        read: Callable[[int], bytes]
+        descriptor = _descriptor(self._file)
+        if self.path == "-" and descriptor is not None and not descriptor[1]:
+            # A pipe: read through a duplicate of its descriptor, by a thread once the run
+            # starts (see _StreamReader); the header is read from it here, before any thread.
+            self._pipe_fd = fd = os.dup(descriptor[0])
+
+            def read(n: int) -> bytes:
+                return os.read(fd, n)
+        else:
+            read = self._file.read1  # type: ignore[attr-defined]  # buffered files and gzip
+        where = "<stdin>" if self.path == "-" else self.path
+        try:
+            return CsvRows(read, path=where, tsv=self.format == "tsv", url_column=url_column)
+        except (EOFError, zlib.error) as exc:
+            raise JobFileError(f"cannot read job file {self.path}: {exc}") from None
+
+    def _take_pipe_fd(self) -> int | None:
+        fd, self._pipe_fd = self._pipe_fd, None
+        return fd
+
+    def _row_batches(self) -> Iterator[list[Record]]:
+        """Batches of rows for a thread to read: a batch ends at BATCH_LINES rows, or sooner
+        when no complete line is left to parse (so rows piped in run as they arrive)."""
+        assert self._rows is not None
+        lines = self._rows.lines
+        batch: list[Record] = []
+        try:
+            for record in self._rows:
+                batch.append(record)
+                if len(batch) >= BATCH_LINES or lines.drained:
+                    yield batch
+                    batch = []
+        except (OSError, EOFError, zlib.error) as exc:
+            reason = getattr(exc, "strerror", None) or _first_line(str(exc))
+            raise JobFileError(f"cannot read job file {self.path}: {reason}") from None
+        if batch:
+            yield batch
 
     def _load_yaml(self) -> list[Item]:
         from . import yamlload  # PyYAML is imported only by runs that read YAML
@@ -199,6 +364,9 @@ class JobSource:
                 f"job file {self.path}: expected a list of jobs "
                 "or a mapping with 'defaults' and 'jobs'"
             )
+        if self._defaults:
+            # The file's own defaults win over the config's, the job's own fields over both.
+            defaults = merge_defaults(self._defaults, defaults)
         return [
             self._parser.parse(merge_defaults(defaults, job) if defaults else job, pos)
             for pos, job in enumerate(jobs, 1)
@@ -255,28 +423,27 @@ def _descriptor(f: BinaryIO) -> tuple[int, bool] | None:
         return None
 
 
-class _StreamReader:
-    """Batches of the lines that have arrived on a pipe, read by a daemon thread on request.
+class _StreamReader(Generic[R]):
+    """Batches read from a pipe by a daemon thread, one on each request.
 
     A blocked read of a pipe cannot be cancelled, and ``asyncio.to_thread`` threads are waited
     for when the loop closes: a run stopped by a signal would hang until the writer of stdin
     closed it. This thread is a daemon that nothing waits for, and it reads a duplicate of the
-    descriptor, so closing the source never leaves it reading a reused one. It reads only when
-    asked, so one batch at a time is in memory.
+    descriptor (``fd``, closed by the thread when it ends), so closing the source never leaves
+    it reading a reused one. It reads only when asked, so one batch at a time is in memory.
     """
 
-    def __init__(self, fd: int, path: str) -> None:
-        self._fd = os.dup(fd)
-        self._path = path
+    def __init__(self, batches: Iterator[list[R]], fd: int | None) -> None:
+        self._batches = batches
+        self._fd = fd
         self._loop = asyncio.get_running_loop()
-        self._lines = _LineSplitter()
-        self._requests: queue.SimpleQueue[asyncio.Future[list[Line]] | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[asyncio.Future[list[R]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="fetcher-jobs", daemon=True)
         self._thread.start()
 
-    async def batch(self) -> list[Line]:
-        """The next lines: at least one, as many as one read brought; [] at the end."""
-        future: asyncio.Future[list[Line]] = self._loop.create_future()
+    async def batch(self) -> list[R]:
+        """The next records: at least one, as many as one read brought; [] at the end."""
+        future: asyncio.Future[list[R]] = self._loop.create_future()
         self._requests.put(future)
         return await future
 
@@ -288,30 +455,63 @@ class _StreamReader:
         try:
             while (future := self._requests.get()) is not None:
                 try:
-                    lines: list[Line] | BaseException = self._read_batch()
+                    batch: list[R] | BaseException = next(self._batches, [])
                 except JobFileError as exc:
-                    lines = exc
+                    batch = exc
                 try:
-                    self._loop.call_soon_threadsafe(_settle, future, lines)
+                    self._loop.call_soon_threadsafe(_settle, future, batch)
                 except RuntimeError:
                     return  # the loop is closed: nobody is waiting any more
-                if not lines or isinstance(lines, BaseException):
+                if not batch or isinstance(batch, BaseException):
                     return
         finally:
-            os.close(self._fd)
-
-    def _read_batch(self) -> list[Line]:
-        while True:
-            try:
-                chunk = os.read(self._fd, PIPE_READ_BYTES)
-            except OSError as exc:
-                raise JobFileError(f"cannot read job file {self._path}: {exc.strerror}") from None
-            lines = self._lines.feed(chunk) if chunk else self._lines.end()
-            if lines or not chunk:
-                return lines
+            if self._fd is not None:
+                os.close(self._fd)
 
 
-def _settle(future: asyncio.Future[list[Line]], outcome: list[Line] | BaseException) -> None:
+def _pipe_line_batches(fd: int, path: str) -> Iterator[list[Line]]:
+    """The lines that each read of a pipe brings (reads that end no line are read past)."""
+    splitter = _LineSplitter()
+    while True:
+        try:
+            chunk = os.read(fd, PIPE_READ_BYTES)
+        except OSError as exc:
+            raise JobFileError(f"cannot read job file {path}: {exc.strerror}") from None
+        lines = splitter.feed(chunk) if chunk else splitter.end()
+        if lines:
+            yield lines
+        if not chunk:
+            return
+
+
+#  What the expansion would replace (config.expand_env); a $ before it makes it literal.
+_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def _escape_references(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with every ``${NAME}`` in its strings kept literal through the expansion."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, str):
+            out[key] = _REFERENCE.sub(r"$\g<0>", value) if "${" in value else value
+        elif isinstance(value, dict):
+            out[key] = _escape_references(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _has_reference(node: Any) -> bool:
+    if isinstance(node, str):
+        return "${" in node
+    if isinstance(node, Mapping):
+        return any(_has_reference(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_reference(v) for v in node)
+    return False
+
+
+def _settle(future: asyncio.Future[list[R]], outcome: list[R] | BaseException) -> None:
     if future.done():
         return  # cancelled: the run stopped reading
     if isinstance(outcome, BaseException):

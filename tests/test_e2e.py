@@ -481,10 +481,10 @@ def test_bad_env_value_exits_2(tmp_path: Path, name: str, value: str) -> None:
     assert name in stderr and len(stderr.splitlines()) == 1, stderr
 
 
-@pytest.mark.parametrize("name", ["missing.jsonl", "jobs.txt", "not-gzip.jsonl.gz"])
+@pytest.mark.parametrize("name", ["missing.jsonl", "jobs.json", "not-gzip.jsonl.gz"])
 def test_unreadable_job_file_exits_2(tmp_path: Path, name: str) -> None:
     (tmp_path / "not-gzip.jsonl.gz").write_text('{"url": "http://a.test/"}\n')
-    (tmp_path / "jobs.txt").write_text('{"url": "http://a.test/"}\n')
+    (tmp_path / "jobs.json").write_text('{"url": "http://a.test/"}\n')
     out = tmp_path / "out.jsonl"
     proc = fetcher("run", tmp_path / name, "-o", out)
     assert proc.returncode == 2
@@ -673,7 +673,9 @@ def test_progress_lines_come_while_jobs_are_still_waiting(base_url: str, tmp_pat
     assert proc.returncode == 1, proc.stderr.decode()
     assert all(r["error"]["type"] == "timeout" for r in json_lines(proc.stdout))
     # Lines printed before the first job ended: each result used to be the only trigger.
-    waiting = re.findall(rb"^fetcher: 0 done, 0 ok, 0 failed, 0 jobs/s$", proc.stderr, re.M)
+    waiting = re.findall(
+        rb"^fetcher: 0/3 done \(0\.0%\), 0 ok, 0 failed, 0 jobs/s, ETA --$", proc.stderr, re.M
+    )
     assert len(waiting) >= 2, proc.stderr.decode()
 
 

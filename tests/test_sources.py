@@ -234,6 +234,9 @@ def test_stdin_is_jsonl(monkeypatch: pytest.MonkeyPatch) -> None:
         ("a.yml", "yaml"),
         ("a.jsonl.gz", "jsonl"),
         ("a.yaml.gz", "yaml"),
+        ("a.txt", "urls"),
+        ("a.csv", "csv"),
+        ("a.tsv.gz", "tsv"),
         ("-", "jsonl"),
     ],
 )
@@ -241,7 +244,7 @@ def test_format_from_the_name(name: str, fmt: str) -> None:
     assert job_format(name) == fmt
 
 
-@pytest.mark.parametrize("name", ["jobs.json", "jobs.txt", "jobs", "jobs.gz", "jobs.csv.gz"])
+@pytest.mark.parametrize("name", ["jobs.json", "jobs.list", "jobs", "jobs.gz", "jobs.txt.bz2"])
 def test_unknown_suffix_is_refused(name: str) -> None:
     with pytest.raises(JobFileError, match=r"\.jsonl"):
         job_format(name)
