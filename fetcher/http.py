@@ -402,7 +402,7 @@ class HttpHandler:
             if cap is not None and size > cap:
                 return False
             if file is not None:
-                await file.write(chunk)  # hashes it too
+                await file.write(chunk)  # hashed in its writer's thread
             else:
                 digest.update(chunk)
             if kept is not None:
@@ -424,19 +424,24 @@ class HttpHandler:
                 await _drop(file, hops)
                 return _too_large(fields, max_bytes)
             fields["bytes"] = size
-            fields["sha256"] = hexdigest = (digest if file is None else file.hash).hexdigest()
-            if job.sha256 is not None and hexdigest != job.sha256:
-                if file is not None:
-                    await file.discard()
-                    file = None
-                outcome = _checksum_mismatch(fields, job.sha256, hexdigest)
-            else:
-                outcome = None
             if file is not None and store is not None:
-                values = name_values(
-                    job.id, resp.url, resp.status, fields["content_type"], hexdigest
-                )
-                fields["path"] = await file.commit(safe_name(store.template.render(values)))
+                expected = job.sha256
+
+                def name(hexdigest: str) -> str | None:  # in the writer's thread
+                    if expected is not None and hexdigest != expected:
+                        return None
+                    values = name_values(
+                        job.id, resp.url, resp.status, fields["content_type"], hexdigest
+                    )
+                    return safe_name(store.template.render(values))
+
+                hexdigest, fields["path"] = await file.commit(name)
+            else:
+                hexdigest = digest.hexdigest()
+            fields["sha256"] = hexdigest
+            outcome = None
+            if job.sha256 is not None and hexdigest != job.sha256:
+                outcome = _checksum_mismatch(fields, job.sha256, hexdigest)
             if hops is not None and self._warc is not None:
                 fields["warc"] = await self._warc.record(hops)
                 hops = None

@@ -5,7 +5,7 @@ name once it is complete and verified (``max_bytes``, the job's ``sha256``), so 
 ever stands under a final name; after SIGKILL, ``--resume`` removes what that folder holds.
 
 The event loop never waits on the disk. A body that fits in one flush (``FLUSH_BYTES``, most
-pages and images) costs one trip to a thread at the end: open, write, close, place. A larger
+pages and images) costs one trip to a thread at the end: open, write, hash, close, place. A larger
 one is handed to a thread every ``FLUSH_BYTES`` as it arrives, so memory per body stays
 bounded. Writing from the loop instead (plain ``os.write`` on a regular file, which cannot be
 made non-blocking) measured as fast on a quiet disk but stalls every connection for as long as
@@ -209,52 +209,67 @@ def _same_body(path: str, size: int, digest: str) -> bool:
 class BodyFile:
     """One body on its way to disk: ``write`` as chunks arrive, then ``commit`` or ``discard``.
 
-    The digest and size are counted here, on the loop, as the bytes go by.
+    The chunks aiohttp hands over are kept as they are (no copy into a bigger buffer) and
+    written with one ``writev`` per flush; the digest is computed in the same thread, beside
+    the write, so hashing a large body (~500 MB/s) holds neither the loop nor the GIL (hashlib
+    releases it). Only the size is counted on the loop, for ``max_bytes``.
     """
 
     def __init__(self, store: BodyStore) -> None:
         self._store = store
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._fd = -1
         self._tmp = os.path.join(store._partial, f"{os.getpid()}-{uuid.uuid4().hex}.part")
+        self._hash = hashlib.sha256()
         self.size = 0
-        self.hash = hashlib.sha256()
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        self.hash.update(chunk)
-        self._buffer += chunk
-        if len(self._buffer) >= FLUSH_BYTES:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            await _in_thread(self._write, data)
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= FLUSH_BYTES:
+            chunks, self._chunks, self._buffered = self._chunks, [], 0
+            await _in_thread(self._write, chunks)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, chunks: list[bytes]) -> None:
         if self._fd < 0:
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        for chunk in chunks:
+            self._hash.update(chunk)
+        while chunks:
+            written = os.writev(self._fd, chunks)
+            while chunks and written >= len(chunks[0]):
+                written -= len(chunks[0])
+                chunks = chunks[1:]
+            if written:  # a short write inside a chunk
+                chunks = [chunks[0][written:], *chunks[1:]]
 
-    async def commit(self, rel: str) -> str:
-        """Write what is left and place the file under ``rel``; returns its path."""
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        digest = self.hash.hexdigest()
-        return await _in_thread(self._finish, data, rel, digest)
+    async def commit(self, name: Callable[[str], str | None]) -> tuple[str, str | None]:
+        """Write what is left, then place the file under ``name(digest)``; a name of None
+        (the job's checksum did not match) removes it instead. Returns (digest, path)."""
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        return await _in_thread(self._finish, chunks, name)
 
-    def _finish(self, data: bytes, rel: str, digest: str) -> str:
+    def _finish(
+        self, chunks: list[bytes], name: Callable[[str], str | None]
+    ) -> tuple[str, str | None]:
         try:
-            self._write(data)  # also opens an empty body's file
+            self._write(chunks)  # also opens an empty body's file
             os.close(self._fd)
             self._fd = -1
-            return self._store.place(self._tmp, rel, self.size, digest)
+            digest = self._hash.hexdigest()
+            rel = name(digest)
+            if rel is None:
+                self._remove()
+                return digest, None
+            return digest, self._store.place(self._tmp, rel, self.size, digest)
         except BaseException:
             self._remove()
             raise
 
     async def discard(self) -> None:
-        self._buffer.clear()
+        self._chunks.clear()
         if self._fd >= 0:
             await _in_thread(self._remove)
 

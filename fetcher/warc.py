@@ -28,6 +28,8 @@ series at the end of its last complete record (``repair``) and appends after it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
 import os
 import re
@@ -181,6 +183,31 @@ def _complete_members(f: IO[bytes]) -> int:
     return good
 
 
+class _GzipMembers:
+    """What warcio writes a record to: each record one gzip member (warcio's ``flush`` at the
+    record's end closes it), at level 6 rather than warcio's 9, which costs twice the CPU for
+    a file a few percent smaller."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._member = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+
+    def write(self, data: bytes) -> None:
+        self._out.write(self._member.compress(data))
+
+    def flush(self) -> None:
+        self._out.write(self._member.flush())
+        self._member = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+
+
+def _sha1(*parts: bytes) -> str:
+    """A WARC digest, as warcio writes them: ``sha1:`` and base32."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part)
+    return "sha1:" + base64.b32encode(h.digest()).decode("ascii")
+
+
 class WarcWriter:
     """The WARC files of one run (one process). ``record`` returns the result's ``warc``."""
 
@@ -212,7 +239,9 @@ class WarcWriter:
             next(self._names)
             repair(self._file)
             self._out = open(self._file, "ab")  # noqa: SIM115 - closed by close()
-            self._writer = self._writer_class(self._out, gzip=True, warc_version="1.1")
+            self._writer = self._writer_class(
+                _GzipMembers(self._out), gzip=False, warc_version="1.1"
+            )
             if self._out.tell() == 0:
                 self._warcinfo()
             return
@@ -223,7 +252,7 @@ class WarcWriter:
             self._out.close()
         self._file = next(self._names)
         self._out = open(self._file, "wb")  # noqa: SIM115 - closed by close()
-        self._writer = self._writer_class(self._out, gzip=True, warc_version="1.1")
+        self._writer = self._writer_class(_GzipMembers(self._out), gzip=False, warc_version="1.1")
         self._warcinfo()
 
     def _warcinfo(self) -> None:
@@ -266,6 +295,12 @@ class WarcWriter:
             )
         else:
             stream, length = hop.payload.stream()
+            if isinstance(stream, io.BytesIO):
+                # Digests from the bytes at hand: warcio would read the payload twice for them.
+                payload = stream.getvalue()
+                http.compute_headers_buffer(None)
+                extra["WARC-Payload-Digest"] = _sha1(payload)
+                extra["WARC-Block-Digest"] = _sha1(http.headers_buff, payload)
             try:
                 record = w.create_warc_record(
                     hop.uri,
@@ -314,13 +349,18 @@ class WarcWriter:
             is_http_request=True,
         )
         body = hop.request_body
+        http.compute_headers_buffer(None)
         record = self._writer.create_warc_record(
             hop.uri,
             "request",
             payload=io.BytesIO(body),
             length=len(body),
             http_headers=http,
-            warc_headers_dict={"WARC-Concurrent-To": response_id},
+            warc_headers_dict={
+                "WARC-Concurrent-To": response_id,
+                "WARC-Payload-Digest": _sha1(body),
+                "WARC-Block-Digest": _sha1(http.headers_buff, body),
+            },
         )
         self._writer.write_record(record)
 
