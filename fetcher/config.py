@@ -128,6 +128,22 @@ class Settings(BaseModel):
     shard: str | None = None  # "K/N", or "N" with K from $JOB_COMPLETION_INDEX
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    #  Output shaping and reruns (shaping.py, resume.py, revalidate.py).
+    fields: tuple[str, ...] | None = None  # --fields: "id,status" or a list
+    format: Literal["jsonl", "csv"] | None = None  # None: csv for an OUT ending .csv
+    retry_failed: str | None = None  # --retry-failed PREV
+    since: str | None = None  # --since PREV
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _known_fields(cls, v: Any) -> Any:
+        if v is None or v == "":
+            return None
+        from .shaping import parse_fields
+
+        if not isinstance(v, str | list | tuple):
+            return v  # the type check reports it
+        return parse_fields(v)
 
     @model_validator(mode="before")
     @classmethod
