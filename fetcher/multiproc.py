@@ -283,6 +283,7 @@ def _child_main(settings: Settings, options: RunOptions, k: int, count: int, ope
         slice=(k, count),
         skip_done=opened.done,
         skip_lines=opened.skip_lines,
+        nothing_left=opened.nothing_left,
         revalidate=opened.revalidate,
         summary=False,
     )

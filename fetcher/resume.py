@@ -34,8 +34,10 @@ _LOAD = 0.6
 
 #  What the writer puts at the start of a line: the id, then (in a full line, or a projection
 #  that keeps them next) kind and ok. An id with a backslash (an escape) does not match.
-_FAST_ID = re.compile(rb'\n\{"id":"([^"\\\n]*)"')
-_FAST_OK = re.compile(rb'\n\{"id":"([^"\\\n]*)",(?:"kind":(?:"http"|"mail"|null),)?"ok":(t|f)')
+#  Each pattern matches at every newline, with empty groups for a line of another shape, so
+#  one scan both pulls the ids and tells whether every line had the writer's shape.
+_FAST_ID = re.compile(rb'\n(?:\{"id":"([^"\\\n]*)")?')
+_FAST_OK = re.compile(rb'\n(?:\{"id":"([^"\\\n]*)",(?:"kind":(?:"http"|"mail"|null),)?"ok":(t|f))?')
 
 
 def id_hash(job_id: str) -> int:
@@ -156,116 +158,121 @@ def _is_ok(obj: dict[str, Any]) -> bool:
 # -- JSONL --------------------------------------------------------------------------------------
 
 
-def _blocks(path: str) -> Iterator[tuple[int, bytes]]:
-    """(file offset of block[1], block): each block starts with a newline (the one before its
-    first line) and ends with one; a torn last line is left out."""
+def _blocks(path: str) -> Iterator[tuple[int, bytearray, int]]:
+    """(file offset of buf[1], buf, end): the whole lines of the next block are
+    ``buf[1:end]``, with ``buf[0]`` the newline before the first of them and ``buf[end - 1]``
+    the last one's. One buffer is read into and reused, so reading makes no garbage; a torn
+    last line is left out."""
+    buf = bytearray(BLOCK_BYTES + 1)
+    buf[0] = 0x0A
+    filled = 1  # buf[:filled] holds the newline and the start of a line not yet whole
+    pos = 0  # file offset of buf[1]
     with open(path, "rb", buffering=0) as f:
-        carry = b"\n"
-        pos = 0  # file offset of carry[1]
-        while chunk := f.read(BLOCK_BYTES):
-            data = carry + chunk
-            cut = data.rfind(b"\n") + 1
-            if cut <= 1:
-                carry = data
+        while True:
+            if filled == len(buf):  # one line longer than the buffer
+                buf.extend(bytes(len(buf)))
+            with memoryview(buf) as view:
+                got = f.readinto(view[filled:])
+            if not got:
+                return
+            filled += got
+            end = buf.rfind(b"\n", 0, filled) + 1
+            if end <= 1:
                 continue
-            yield pos, data[:cut]
-            carry = data[cut - 1 :]
-            pos += cut - 1
+            yield pos, buf, end
+            rest = filled - end
+            buf[: rest + 1] = buf[end - 1 : filled]
+            del buf[BLOCK_BYTES + 1 :]  # back to its size after a long line
+            if len(buf) < BLOCK_BYTES + 1:
+                buf.extend(bytes(BLOCK_BYTES + 1 - len(buf)))
+            filled = rest + 1
+            pos += end - 1
 
 
-def _whole_lines(block: bytes) -> int:
-    """The block's line count when every line is one writer's line (see the module's
-    docstring), else -1: the block is then decoded line by line."""
-    return block.count(b"\n") - 1
-
-
-def _decoded_lines(base: int, block: bytes) -> Iterator[tuple[dict[str, Any], int, int]]:
-    """(result, offset, length) of each line of ``block`` that is a result line."""
+def _decoded_lines(
+    base: int, buf: bytearray, stop: int
+) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """(result, offset, length) of each line of ``buf[1:stop]`` that is a result line."""
     start = 1
-    find = block.find
-    while (end := find(b"\n", start)) != -1:
-        line = block[start:end]
+    find = buf.find
+    while (end := find(b"\n", start, stop)) != -1:
         offset, length = base + start - 1, end - start + 1
-        start = end + 1
         try:
-            obj = orjson.loads(line)
+            obj = orjson.loads(buf[start:end])
         except orjson.JSONDecodeError:
-            continue  # not a result line; its job (if any) runs again
+            obj = None  # not a result line; its job (if any) runs again
+        start = end + 1
         if isinstance(obj, dict) and isinstance(obj.get("id"), str):
             yield obj, offset, length
 
 
 def _jsonl_ids(path: str, index: IdIndex, *, ok_only: bool) -> None:
-    pattern = _FAST_OK if ok_only else _FAST_ID
-    for base, block in _blocks(path):
-        n = _whole_lines(block)
-        if n >= 0:
-            found = pattern.findall(block)
-            if len(found) == n:
-                index.add_many([i for i, ok in found if ok == b"t"] if ok_only else found)
+    for base, buf, end in _blocks(path):
+        if ok_only:
+            pairs = _FAST_OK.findall(buf, 0, end)
+            pairs.pop()  # the match at the block's last newline, after its last line
+            if (b"", b"") not in pairs:
+                index.add_many([i for i, ok in pairs if ok == b"t"])
                 continue
-        for obj, _, _ in _decoded_lines(base, block):
+        else:
+            found = _FAST_ID.findall(buf, 0, end)
+            found.pop()
+            if b"" not in found:  # (an empty id too takes the careful way)
+                index.add_many(found)
+                continue
+        for obj, _, _ in _decoded_lines(base, buf, end):
             if not ok_only or _is_ok(obj):
                 index.add(obj["id"].encode())
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[bytes, bool, int, int]]:
     """(id, ok, offset, length) of every whole result line."""
-    for base, block in _blocks(path):
-        n = _whole_lines(block)
-        if n >= 0:
-            matches = list(_FAST_OK.finditer(block))
-            if len(matches) == n:
-                ends = [m.start() for m in matches[1:]] + [len(block) - 1]
-                for m, end in zip(matches, ends, strict=True):
-                    start = m.start()
-                    yield m.group(1), m.group(2) == b"t", base + start, end - start
-                continue
-        for obj, offset, length in _decoded_lines(base, block):
+    for base, buf, end in _blocks(path):
+        matches = list(_FAST_OK.finditer(buf, 0, end))
+        matches.pop()
+        if all(m.group(2) for m in matches):
+            ends = [m.start() for m in matches[1:]] + [end - 1]
+            for m, stop in zip(matches, ends, strict=True):
+                start = m.start()
+                yield bytes(m.group(1)), m.group(2) == b"t", base + start, stop - start
+            continue
+        for obj, offset, length in _decoded_lines(base, buf, end):
             yield obj["id"].encode(), _is_ok(obj), offset, length
 
 
-#  A job line that starts with its id, as most job files are written (orjson, json.dumps).
-_JOB_ID = re.compile(rb'\n\{ ?"id": ?"([^"\\\n]*)"')
+#  A job line that starts with its id, as most job files are written (orjson, json.dumps);
+#  like the patterns above it matches at every newline, with an empty id for other lines.
+_JOB_ID = re.compile(rb'\n(?:\{ ?"id": ?"([^"\\\n]*)")?')
 
 
-def done_job_lines(path: str, done: IdIndex) -> bytearray:
+def done_job_lines(path: str, done: IdIndex) -> tuple[bytearray, bool]:
     """A bitmap of the 1-based lines of the JSONL job file ``path`` whose id is in ``done``,
     found without decoding them: a run skips those lines unread. Lines whose id cannot be
-    told this way (an escaped id, ``id`` not first, no id at all) are left unmarked, for the
-    run to decode and check as usual."""
+    told this way (an escaped or empty id, ``id`` not first, no id at all) are left
+    unmarked, for the run to decode and check as usual. The flag says every line is marked:
+    nothing is left to run, and the file need not be read again."""
     bits = bytearray(estimate_lines(path) // 8 + 1)
     keys, mask = done._keys, done._mask
-    line = 0  # lines before this block
-    for _, block in _blocks(path):
-        n = block.count(b"\n") - 1
-        found = _JOB_ID.findall(block)
-        if len(found) == n:
-            numbered: Iterator[tuple[int, bytes]] = enumerate(found, line + 1)
-        else:
-            numbered = _job_ids_by_line(block, line)
-        if (line + n) // 8 >= len(bits):
-            bits.extend(bytes((line + n) // 8 - len(bits) + 1))
-        for lineno, job_id in numbered:
-            h = hash(job_id) or 1
+    line = marked = covered = 0  # lines before this block, lines marked, bytes seen
+    for base, buf, end in _blocks(path):
+        found = _JOB_ID.findall(buf, 0, end)
+        found.pop()  # the match at the block's last newline
+        if (line + len(found)) // 8 >= len(bits):
+            bits.extend(bytes((line + len(found)) // 8 - len(bits) + 1))
+        for lineno, job_id in enumerate(found, line + 1):
+            if not job_id:
+                continue
+            h = hash(bytes(job_id)) or 1
             i = h & mask
             while k := keys[i]:
                 if k == h:
                     bits[lineno >> 3] |= 1 << (lineno & 7)
+                    marked += 1
                     break
                 i = (i + 1) & mask
-        line += n
-    return bits
-
-
-def _job_ids_by_line(block: bytes, before: int) -> Iterator[tuple[int, bytes]]:
-    start, lineno, match = 0, before, _JOB_ID.match
-    while (end := block.find(b"\n", start + 1)) != -1:
-        lineno += 1
-        m = match(block, start, end)
-        if m is not None:
-            yield lineno, m.group(1)
-        start = end
+        line += len(found)
+        covered = base + end - 1
+    return bits, marked == line and covered == os.path.getsize(path)
 
 
 # -- CSV ----------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class RunOptions:
     #  Also set by the --processes parent for its children: the lines of the job file known
     #  to be done (a bitmap, resume.done_job_lines) and the --since index.
     skip_lines: bytearray | None = None
+    nothing_left: bool = False
     revalidate: Revalidator | None = None
 
 
@@ -136,6 +137,7 @@ class Opened:
     writer: FlushingWriter
     done: DoneIds | None  # ids not to run (--resume: in OUT; --retry-failed: ok in PREV)
     skip_lines: bytearray | None  # job file lines whose id is in ``done``
+    nothing_left: bool = False  # every line of the job file is done
     revalidate: Revalidator | None  # --since
 
 
@@ -193,12 +195,15 @@ def open_output(settings: Settings, opts: RunOptions) -> Opened:
     try:
         if opts.slice is None:
             done = _skipped(settings, opts)
-            skip_lines = (
-                done_job_lines(opts.jobs, done) if done and _plain_jsonl(opts.jobs) else None
+            skip_lines, nothing_left = (
+                done_job_lines(opts.jobs, done)
+                if done and _plain_jsonl(opts.jobs)
+                else (None, False)
             )
             revalidate = Revalidator.open(opts.since) if opts.since is not None else None
         else:
             done, skip_lines, revalidate = opts.skip_done, opts.skip_lines, opts.revalidate
+            nothing_left = opts.nothing_left
         writer = FlushingWriter.open(
             opts.output,
             append=opts.resume,
@@ -218,7 +223,13 @@ def open_output(settings: Settings, opts: RunOptions) -> Opened:
             log.info("revalidating against %s: %d ok lines", opts.since, len(revalidate))
         if not settings.tls.verify:
             log.warning(INSECURE_WARNING)
-    return Opened(writer=writer, done=done, skip_lines=skip_lines, revalidate=revalidate)
+    return Opened(
+        writer=writer,
+        done=done,
+        skip_lines=skip_lines,
+        nothing_left=nothing_left,
+        revalidate=revalidate,
+    )
 
 
 def check_output(options: RunOptions) -> None:
@@ -234,6 +245,11 @@ def check_output(options: RunOptions) -> None:
             f"output {options.output} exists and is not empty: "
             "pass --resume to finish it or --overwrite to replace it"
         )
+
+
+async def _nothing() -> AsyncIterator[Item]:
+    return
+    yield  # an async generator that yields nothing
 
 
 async def _to_run(
@@ -295,11 +311,13 @@ class Run:
                 self._pool = runner.pool(emit=self._emit)
                 if shutdown.pending:
                     self._on_signal(shutdown.pending[0])
-                jobs = (
-                    source
-                    if done is None and revalidate is None
-                    else _to_run(source, done, revalidate)
-                )
+                if opened.nothing_left:  # every job is done: the file is not read again
+                    source.close()
+                    jobs: AsyncIterator[Item] | JobSource = _nothing()
+                elif done is None and revalidate is None:
+                    jobs = source
+                else:
+                    jobs = _to_run(source, done, revalidate)
                 await runner.execute(self._pool, jobs)
         finally:
             for sig in shutdown.STOP_SIGNALS:
