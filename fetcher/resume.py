@@ -8,7 +8,7 @@ written by another program, an escaped id, a blank line, two lines run together 
 is decoded line by line with orjson instead, so odd lines cost time, never correctness. A line
 is whole only when it ends in a newline: a torn last line is never counted.
 
-Memory. Ids are kept as 64-bit hashes in an open-addressing table (``IdIndex``): 13-16 bytes
+Memory. Ids are kept as 64-bit hashes in an open-addressing table (``IdIndex``): 11-23 bytes
 an id (twice that with an offset), so a million ids cost 16 MB and ten million 128 MB, not the
 gigabytes a set of strings would. The hash is Python's own (SipHash of the id's UTF-8 bytes),
 the same in a process and in the children it forks, and never written anywhere. Two ids
@@ -30,7 +30,7 @@ import orjson
 from .errors import OutputError
 
 BLOCK_BYTES = 4 * 1024 * 1024
-_LOAD = 0.6
+_LOAD = 0.7
 
 #  What the writer puts at the start of a line: the id, then (in a full line, or a projection
 #  that keeps them next) kind and ok. An id with a backslash (an escape) does not match.
@@ -50,8 +50,8 @@ class IdIndex:
     """A compact set of ids, each optionally with one 64-bit value (an offset in a file).
 
     An open-addressing table of 64-bit hashes in an ``array('q')`` (0 marks a free slot),
-    kept at most 60% full: 13 bytes an id on average, 16 just after it doubled. For an id
-    added more than once, the value added last wins.
+    kept at most 70% full: 11-23 bytes an id (a power-of-two table; 128 MB for ten million).
+    For an id added more than once, the value added last wins.
     """
 
     def __init__(self, expected: int = 0, *, values: bool = False) -> None:
