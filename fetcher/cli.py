@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--processes", type=int, metavar="P", help="worker processes, one merged output (1)"
     )
+    _add_shaping_options(run)
     _add_metrics_options(run)
     add_input_options(run)
 
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("-c", "--config", metavar="PATH", help="YAML config file (SMTP profiles)")
     add_input_options(val)
     _add_scaleout_parsers(sub)
+
+    merge = sub.add_parser(
+        "merge", help="result files in, one line per job id out (the last file's line wins)"
+    )
+    merge.add_argument("files", nargs="+", metavar="FILE", help="result files, oldest first")
+    merge.add_argument(
+        "-o", "--output", default="-", metavar="OUT", help="merged results, - for stdout"
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT (off)")
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job line or a result line")
     schema.add_argument("which", choices=("jobs", "results"), help="jobs or results")
@@ -103,6 +113,24 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
 
 def input_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"input_format": args.input_format, "url_column": args.url_column}
+
+
+def _add_shaping_options(p: argparse.ArgumentParser) -> None:
+    # Config keys fields / format / retry_failed / since (and FETCHER_*) when not given.
+    p.add_argument(
+        "--fields", metavar="LIST", help="comma-separated result fields to write (id first)"
+    )
+    p.add_argument(
+        "--format", choices=("jsonl", "csv"), help="jsonl or csv (default: csv for OUT *.csv)"
+    )
+    p.add_argument(
+        "--retry-failed", metavar="PREV", help="run only jobs without an ok line in PREV"
+    )
+    p.add_argument(
+        "--since",
+        metavar="PREV",
+        help="revalidate what PREV fetched ok (If-None-Match / If-Modified-Since)",
+    )
 
 
 def add_settings_options(p: argparse.ArgumentParser) -> None:
@@ -189,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _scaleout(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "merge":
+            from .merge import merge_files
+
+            return merge_files(args.files, args.output, overwrite=args.overwrite)
         _tune_gc()
         return _run(args)
     except FetcherError as exc:
@@ -230,6 +262,10 @@ def _run(args: argparse.Namespace) -> int:
         progress=args.progress,
         shard=args.shard,
         **input_overrides(args),
+        fields=args.fields,
+        format=args.format,
+        retry_failed=args.retry_failed,
+        since=args.since,
     )
     settings = load_settings(args.config, overrides)
     options = _run_options(args, settings)
@@ -275,6 +311,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
+    from . import shaping
     from .runner import RunOptions
 
     resume, overwrite = settings.resume, settings.overwrite
@@ -291,6 +328,10 @@ def _run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         overwrite=overwrite,
         progress=progress,
         shard=None if shard is None else _resolve_shard(shard),
+        fields=settings.fields,
+        format=shaping.output_format(args.output, settings.format),
+        retry_failed=settings.retry_failed,
+        since=settings.since,
     )
 
 

@@ -159,6 +159,22 @@ class Settings(BaseModel):
     input_format: Literal["jsonl", "yaml", "urls", "csv", "tsv"] | None = None
     url_column: str = Field(default="url", min_length=1)
     job_defaults: dict[str, Any] = Field(default_factory=dict)
+    #  Output shaping and reruns (shaping.py, resume.py, revalidate.py).
+    fields: tuple[str, ...] | None = None  # --fields: "id,status" or a list
+    format: Literal["jsonl", "csv"] | None = None  # None: csv for an OUT ending .csv
+    retry_failed: str | None = None  # --retry-failed PREV
+    since: str | None = None  # --since PREV
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _known_fields(cls, v: Any) -> Any:
+        if v is None or v == "":
+            return None
+        from .shaping import parse_fields
+
+        if not isinstance(v, str | list | tuple):
+            return v  # the type check reports it
+        return parse_fields(v)
 
     @model_validator(mode="before")
     @classmethod

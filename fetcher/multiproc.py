@@ -38,10 +38,10 @@ from . import shutdown
 from .config import Settings
 from .errors import EXIT_OUTPUT, FetcherError, OutputError, SetupError, report
 from .jobs import JobParser
-from .resume import DoneIds
 from .runner import (
     EXIT_FAILED_JOBS,
     EXIT_OK,
+    Opened,
     Run,
     RunOptions,
     early_exit_code,
@@ -110,7 +110,7 @@ class ParallelRun:
         self._output_error: OutputError | None = None
         self._children: list[Child] = []
         self._writer: JsonlWriter | None = None
-        self._done: DoneIds | None = None  # the ids --resume found in the output
+        self._opened: Opened | None = None  # the writer, and what the children skip
         self._progress: Progress | None = None
         self._source: JobSource | None = None
 
@@ -127,7 +127,8 @@ class ParallelRun:
             opts.jobs, parser, self.settings, select=line_selector(opts.shard, None)
         )
         self._source.close()
-        self._writer, self._done = open_output(self.settings, opts)
+        self._opened = open_output(self.settings, opts)
+        self._writer = self._opened.writer
         # Flushed now, or a child would inherit, and print again, what is still buffered.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -167,7 +168,8 @@ class ParallelRun:
             os.close(self._writer.fd)
             os.dup2(write_fd, 1)
             os.close(write_fd)
-            code = _child_main(self.settings, self.options, k, count, self._done)
+            assert self._opened is not None
+            code = _child_main(self.settings, self.options, k, count, self._opened)
         except BaseException:  # noqa: BLE001 - nothing may escape into the parent's code
             traceback.print_exc()
             code = EXIT_INTERNAL
@@ -183,7 +185,7 @@ class ParallelRun:
             self.settings,
             opts.progress,
             source=self._source,
-            initial=len(self._done or ()),
+            initial=len(self._opened.done or ()) if self._opened is not None else 0,
         )
         loop = asyncio.get_running_loop()
         for sig in shutdown.STOP_SIGNALS:
@@ -222,7 +224,7 @@ class ParallelRun:
             cut = data.rfind(b"\n") + 1
             pending = data[cut:]
             if cut:
-                self._take(data[:cut])
+                (self._take_shaped if self._writer.shaped else self._take)(data[:cut])
         return await child.wait()
 
     def _take(self, lines: bytes) -> None:
@@ -237,6 +239,22 @@ class ParallelRun:
         record, tick = self.stats.record, self._progress.tick
         for line in lines.splitlines():
             record(_summary_fields(line))
+            tick()
+
+    def _take_shaped(self, lines: bytes) -> None:
+        """Whole full lines from a child, each shaped (--fields, --format) as it is written."""
+        assert self._writer is not None and self._progress is not None
+        record, tick, write = self.stats.record, self._progress.tick, self._writer.write
+        for line in lines.splitlines():
+            result = _summary_fields(line)
+            try:
+                write(result)
+            except OutputError as exc:
+                self._output_error = exc
+                for child in self._children:
+                    child.kill()
+                return
+            record(result)
             tick()
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -265,11 +283,9 @@ class ParallelRun:
         return EXIT_OK if self.stats.failed == 0 else EXIT_FAILED_JOBS
 
 
-def _child_main(
-    settings: Settings, options: RunOptions, k: int, count: int, done: DoneIds | None
-) -> int:
-    """Slice ``k`` of ``count``, run as one process would, its result lines on stdout; the
-    jobs in ``done`` (already in the parent's output) are skipped."""
+def _child_main(settings: Settings, options: RunOptions, k: int, count: int, opened: Opened) -> int:
+    """Slice ``k`` of ``count``, run as one process would, its full result lines on stdout
+    (the parent shapes them); the jobs the parent found done are skipped."""
     child_options = RunOptions(
         jobs=options.jobs,
         output="-",
@@ -278,7 +294,10 @@ def _child_main(
         progress=False,
         shard=options.shard,
         slice=(k, count),
-        skip_done=done,
+        skip_done=opened.done,
+        skip_lines=opened.skip_lines,
+        nothing_left=opened.nothing_left,
+        revalidate=opened.revalidate,
         summary=False,
     )
     run = Run(settings.model_copy(update={"processes": 1}), child_options)

@@ -20,9 +20,11 @@ from .api import Runner, RunObserver, build_handlers
 from .config import Settings
 from .errors import EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError, SetupError
 from .http import INSECURE_WARNING, check_tls
-from .jobs import JobParser
+from .jobs import HttpJob, JobParser
 from .pool import Pool
-from .resume import DoneIds, prepare_resume
+from .resume import DoneIds, IdIndex, done_job_lines, estimate_lines, prepare_resume, read_done
+from .revalidate import Revalidator
+from .shaping import CsvEncoder, Encoder, encoder
 from .sink import JsonlWriter
 from .sources import Item, JobSource
 from .stats import Progress, Stats
@@ -50,13 +52,35 @@ class RunOptions:
     slice: tuple[int, int] | None = None
     skip_done: DoneIds | None = None
     summary: bool = True
+    #  Output shaping (--fields, --format) and reruns (--retry-failed, --since PREV).
+    fields: tuple[str, ...] | None = None
+    format: str = "jsonl"
+    retry_failed: str | None = None
+    since: str | None = None
+    #  Also set by the --processes parent for its children: the lines of the job file known
+    #  to be done (a bitmap, resume.done_job_lines) and the --since index.
+    skip_lines: bytearray | None = None
+    nothing_left: bool = False
+    revalidate: Revalidator | None = None
 
 
 def line_selector(
-    shard: tuple[int, int] | None, slice: tuple[int, int] | None
+    shard: tuple[int, int] | None,
+    slice: tuple[int, int] | None,
+    skip: bytearray | None = None,
 ) -> Callable[[int], bool] | None:
     """Which 1-based input lines a process runs: position modulo N is K for ``--shard K/N``,
-    and of those every P-th for slice ``k/P``."""
+    and of those every P-th for slice ``k/P``; never a line marked in ``skip`` (done)."""
+    if skip is not None:
+        inner = line_selector(shard, slice)
+        size = len(skip) * 8
+
+        def not_done(line: int) -> bool:
+            if line < size and skip[line >> 3] >> (line & 7) & 1:
+                return False
+            return inner is None or inner(line)
+
+        return not_done
     if shard is None and slice is None:
         return None
     k_shard, n_shard = shard or (0, 1)
@@ -114,30 +138,106 @@ class FlushingWriter(JsonlWriter):
             self.on_flush()
 
 
-def open_output(settings: Settings, opts: RunOptions) -> tuple[FlushingWriter, DoneIds | None]:
-    """The checks that can still refuse a run (OUT, TLS files), the ids ``--resume`` skips, and
+@dataclass(frozen=True, kw_only=True)
+class Opened:
+    """What a run found before starting: its writer and the jobs it skips or revalidates."""
+
+    writer: FlushingWriter
+    done: DoneIds | None  # ids not to run (--resume: in OUT; --retry-failed: ok in PREV)
+    skip_lines: bytearray | None  # job file lines whose id is in ``done``
+    nothing_left: bool = False  # every line of the job file is done
+    revalidate: Revalidator | None  # --since
+
+
+def _check_prev(path: str, flag: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise SetupError(f"cannot read {flag} file {path}: {exc.strerror}") from None
+
+
+def _skipped(settings: Settings, opts: RunOptions) -> DoneIds | None:
+    """The ids --resume (in OUT) and --retry-failed (ok in PREV) leave out."""
+    resume = opts.resume and opts.output != "-"
+    if not resume and opts.retry_failed is None:
+        return None
+    expected = (estimate_lines(opts.output) if resume else 0) + (
+        estimate_lines(opts.retry_failed) if opts.retry_failed else 0
+    )
+    done = IdIndex(expected)
+    if resume:
+        header = None
+        if opts.format == "csv":
+            header = list(CsvEncoder(opts.fields).fields)
+        prepare_resume(opts.output, csv_header=header, into=done)
+    if opts.retry_failed is not None:
+        read_done(opts.retry_failed, ok_only=True, into=done, why="for --retry-failed")
+    return done
+
+
+def encoder_for(opts: RunOptions) -> tuple[Encoder | None, bytes]:
+    """The results file's encoder (None: full JSON lines) and its header."""
+    if opts.fields is None and opts.format == "jsonl":
+        return None, b""
+    return encoder(opts.format, opts.fields)
+
+
+def _plain_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".ndjson"))
+
+
+def open_output(settings: Settings, opts: RunOptions) -> Opened:
+    """The checks that can still refuse a run (OUT, PREV, TLS files), the jobs it skips, and
     the opened results writer. Logged once per run: a --processes parent logs, its children not.
 
-    An OUT that cannot be read to resume, or opened, is a setup error (exit 2): nothing ran yet.
+    An OUT that cannot be read to resume, a PREV that cannot be read, an OUT that cannot be
+    opened: each is a setup error (exit 2), and nothing ran yet.
     """
     check_output(opts)
     check_tls(settings)
+    for path, flag in ((opts.retry_failed, "--retry-failed"), (opts.since, "--since")):
+        if path is not None and opts.slice is None:
+            _check_prev(path, flag)
+    encode, header = encoder_for(opts)
     try:
-        done = prepare_resume(opts.output) if opts.resume and opts.output != "-" else None
-        if opts.skip_done is not None:
-            done = opts.skip_done
+        if opts.slice is None:
+            done = _skipped(settings, opts)
+            skip_lines, nothing_left = (
+                done_job_lines(opts.jobs, done)
+                if done and _plain_jsonl(opts.jobs)
+                else (None, False)
+            )
+            revalidate = Revalidator.open(opts.since) if opts.since is not None else None
+        else:
+            done, skip_lines, revalidate = opts.skip_done, opts.skip_lines, opts.revalidate
+            nothing_left = opts.nothing_left
         writer = FlushingWriter.open(
-            opts.output, append=opts.resume, fsync_interval=settings.fsync_interval
+            opts.output,
+            append=opts.resume,
+            fsync_interval=settings.fsync_interval,
+            encode=encode,
+            header=header,
         )
     except OutputError as exc:
         raise SetupError(str(exc)) from None
     assert isinstance(writer, FlushingWriter)  # open() builds its own class
     if opts.slice is None:
-        if done is not None:
+        if done is not None and opts.resume:
             log.info("resuming %s: %d jobs already have a result", opts.output, len(done))
+        elif done is not None:
+            log.info("retrying what failed in %s: %d jobs were ok", opts.retry_failed, len(done))
+        if revalidate is not None:
+            log.info("revalidating against %s: %d ok lines", opts.since, len(revalidate))
         if not settings.tls.verify:
             log.warning(INSECURE_WARNING)
-    return writer, done
+    return Opened(
+        writer=writer,
+        done=done,
+        skip_lines=skip_lines,
+        nothing_left=nothing_left,
+        revalidate=revalidate,
+    )
 
 
 def check_output(options: RunOptions) -> None:
@@ -155,14 +255,21 @@ def check_output(options: RunOptions) -> None:
         )
 
 
-async def _skip_done(source: JobSource, done: DoneIds | None) -> AsyncIterator[Item]:
-    if done is None:
-        async for item in source:
-            yield item
-        return
+async def _nothing() -> AsyncIterator[Item]:
+    return
+    yield  # an async generator that yields nothing
+
+
+async def _to_run(
+    source: JobSource, done: DoneIds | None, revalidate: Revalidator | None
+) -> AsyncIterator[Item]:
+    """The jobs of ``source`` not done, with --since's conditional headers."""
     async for item in source:
-        if item.id not in done:
-            yield item
+        if done is not None and item.id in done:
+            continue
+        if revalidate is not None and isinstance(item, HttpJob):
+            item = revalidate.prepare(item)
+        yield item
 
 
 class Run:
@@ -181,6 +288,7 @@ class Run:
         self._writer: JsonlWriter | None = None
         self._progress: Progress | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._revalidate: Revalidator | None = None
 
     async def execute(self) -> int:
         opts = self.options
@@ -190,10 +298,17 @@ class Run:
             opts.jobs, parser, self.settings, select=line_selector(opts.shard, opts.slice)
         )
         try:
-            self._writer, done = open_output(self.settings, opts)
+            opened = open_output(self.settings, opts)
+            if opened.skip_lines is not None:
+                # A JSONL file (never stdin): opened again, to skip the lines done unread.
+                source.close()
+                select = line_selector(opts.shard, opts.slice, opened.skip_lines)
+                source = JobSource.for_settings(opts.jobs, parser, self.settings, select=select)
         except BaseException:
             source.close()
             raise
+        self._writer, done = opened.writer, opened.done
+        revalidate = self._revalidate = opened.revalidate
         self._progress = make_progress(
             self.stats, self.settings, opts.progress, source=source, initial=len(done or ())
         )
@@ -208,7 +323,13 @@ class Run:
                 self._pool = runner.pool(emit=self._emit)
                 if shutdown.pending:
                     self._on_signal(shutdown.pending[0])
-                jobs = source if done is None else _skip_done(source, done)
+                if opened.nothing_left:  # every job is done: the file is not read again
+                    source.close()
+                    jobs: AsyncIterator[Item] | JobSource = _nothing()
+                elif done is None and revalidate is None:
+                    jobs = source
+                else:
+                    jobs = _to_run(source, done, revalidate)
                 await runner.execute(self._pool, jobs)
         finally:
             for sig in shutdown.STOP_SIGNALS:
@@ -225,6 +346,8 @@ class Run:
         if self._output_error is not None:
             return
         assert self._writer is not None
+        if self._revalidate is not None:
+            self._revalidate.finish(result)
         # Recorded first, as unflushed: a write() that flushes counts this line with its batch,
         # and a flush that fails drops it with the rest of the lines that were never written.
         self._unflushed.record(result)

@@ -346,7 +346,7 @@ class Collector:
 
     async def execute(self) -> CollectReport:
         # Ids already in OUT are skipped, so collecting into the same file twice adds nothing.
-        done = prepare_resume(self._output) if self._output != "-" else DoneIds([])
+        done = prepare_resume(self._output) if self._output != "-" else DoneIds()
         if len(done):
             log.info("%s already holds %d results; appending the rest", self._output, len(done))
         writer = JsonlWriter.open(self._output, append=True, fsync_interval=self._fsync_interval)

@@ -86,6 +86,9 @@ class HttpResult(_Ran):
     body_error: str | None = Field(
         default=None, description="body mode json and a body that is not JSON"
     )
+    not_modified: bool | None = Field(
+        default=None, description="--since: a 304, bytes and sha256 carried from PREV"
+    )
 
 
 class MailResult(_Ran):

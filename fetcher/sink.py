@@ -1,4 +1,8 @@
-"""The one writer of result lines: orjson, whole lines only, flushed in batches.
+"""The one writer of result lines: whole lines only, flushed in batches.
+
+Lines are encoded by an encoder (shaping.py: full JSON lines by default, a ``--fields``
+projection, or CSV records); a file that starts empty first gets the encoder's header (CSV's
+header row).
 
 Results are appended to a buffer and written with one ``os.write`` per batch: when the buffer
 passes ``BUFFER_BYTES`` or ``FLUSH_SECONDS`` after the first unflushed line, whichever is first,
@@ -16,6 +20,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -38,6 +43,8 @@ class JsonlWriter:
         name: str,
         close_fd: bool = True,
         fsync_interval: float | None = None,
+        encode: Callable[[dict[str, Any]], bytes] | None = None,
+        header: bytes = b"",
     ) -> None:
         self.name = name
         self._fd = fd
@@ -50,18 +57,31 @@ class JsonlWriter:
         self._fsync_interval = fsync_interval
         self._last_fsync = time.monotonic()
         self._closed = False
+        #  None: the plain full line, encoded inline (the common case pays no extra call).
+        self._encode = encode
+        self.shaped = encode is not None
+        if header and self._size == 0:
+            self._buf += header
 
     @classmethod
-    def open(cls, path: str, *, append: bool, fsync_interval: float | None = None) -> JsonlWriter:
+    def open(
+        cls,
+        path: str,
+        *,
+        append: bool,
+        fsync_interval: float | None = None,
+        encode: Callable[[dict[str, Any]], bytes] | None = None,
+        header: bytes = b"",
+    ) -> JsonlWriter:
         """Open ``path`` (``-`` is stdout) for results; raises OutputError."""
         if path == "-":
-            return cls(1, name="<stdout>", close_fd=False, fsync_interval=None)
+            return cls(1, name="<stdout>", close_fd=False, encode=encode, header=header)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         try:
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise OutputError(f"cannot open output {path}: {exc.strerror}") from None
-        return cls(fd, name=path, fsync_interval=fsync_interval)
+        return cls(fd, name=path, fsync_interval=fsync_interval, encode=encode, header=header)
 
     @property
     def fd(self) -> int:
@@ -69,7 +89,8 @@ class JsonlWriter:
 
     def write(self, result: dict[str, Any]) -> None:
         """Queue one result line; raises OutputError once output has failed."""
-        self.write_raw(_dumps(result, option=_OPTS))
+        encode = self._encode
+        self.write_raw(_dumps(result, option=_OPTS) if encode is None else encode(result))
 
     def write_raw(self, lines: bytes) -> None:
         """Queue result lines already encoded (whole lines, each ending in a newline)."""

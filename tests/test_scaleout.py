@@ -290,6 +290,8 @@ def test_job_that_kills_its_worker_is_abandoned(
     for attempt in (1, 2):
         procs.worker(f"w{attempt}", *args)
         wait_for(lambda a=attempt: web.hits["/hang/deadly"] == a, what=f"delivery {attempt}")
+        # "fine" must be stored before the kill: killed twice with it, it would be abandoned too.
+        wait_for(lambda: len(results_in_redis(rds)) == 1, what="the result of fine")
         procs.procs[f"w{attempt}"].send_signal(signal.SIGKILL)  # the job "crashes" its worker
         procs.wait(f"w{attempt}")
     procs.worker("last", *args, "--drain")
@@ -297,7 +299,7 @@ def test_job_that_kills_its_worker_is_abandoned(
     assert "job deadly abandoned after 2 deliveries" in procs.log("last")
     assert web.hits["/hang/deadly"] == 2  # run at most max-deliveries times
     collected = by_id(collect(rds, tmp_path / "out.jsonl"))
-    assert collected["fine"]["ok"] is True
+    assert collected["fine"]["ok"] is True, collected["fine"]
     dead = collected["deadly"]
     assert dead["error"]["type"] == "abandoned"
     assert (dead["ok"], dead["kind"], dead["attempts"], dead["line"]) == (False, "http", 2, 2)
