@@ -15,7 +15,7 @@ microseconds rather than the half second that aiohttp and pydantic take to impor
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Not typing.TYPE_CHECKING: importing typing alone costs more than the rest of this module.
 # Type checkers treat a bare TYPE_CHECKING name as true.

@@ -29,7 +29,7 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str) -> tuple[int | None, int]:
-    from .config import parse_shard
+    from .shard import parse_shard
 
     try:
         return parse_shard(text)
@@ -417,7 +417,7 @@ def _add_redis_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scaleout_parsers(sub: Any) -> None:
-    from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
+    from .constants import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
 
     enq = sub.add_parser("enqueue", help="validate a job file and add its jobs to a Redis stream")
     enq.add_argument("jobs", metavar="JOBS", help=JOBS_HELP)

@@ -24,16 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from . import __version__
+from ._version import __version__
 from .errors import ConfigError
+from .shard import parse_shard
 
 ENV_PREFIX = "FETCHER_"
 _T = TypeVar("_T", str, dict[str, str])
-#  Scale-out stream and group names (here, not in scaleout.py, so the CLI can show them
-#  without importing redis on every command).
-DEFAULT_STREAM = "fetcher:jobs"
-DEFAULT_RESULTS = "fetcher:results"
-DEFAULT_GROUP = "fetcher"
 
 _frozen = ConfigDict(frozen=True, extra="forbid")
 
@@ -298,24 +294,6 @@ def _is_true(value: Any) -> bool:
         return _BOOL.validate_python(value)
     except ValidationError:
         return False
-
-
-def parse_shard(text: str) -> tuple[int | None, int]:
-    """``K/N`` as (K, N), or ``N`` as (None, N): K then comes from $JOB_COMPLETION_INDEX.
-
-    Raises ValueError saying what is expected.
-    """
-    k, sep, n = text.rpartition("/")
-    if not sep:
-        k, n = "", text
-    try:
-        count = int(n)
-        index = int(k) if k else None
-    except ValueError:
-        raise ValueError("expected K/N, e.g. 0/4") from None
-    if count < 1 or (index is not None and not 0 <= index < count):
-        raise ValueError("expected 0 <= K < N")
-    return index, count
 
 
 # The config file's contents reach Settings.__init__ through this, to sit under the environment.

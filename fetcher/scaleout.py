@@ -27,7 +27,8 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .config import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM, Settings
+from .config import Settings
+from .constants import DEFAULT_GROUP, DEFAULT_RESULTS, DEFAULT_STREAM
 from .errors import FetcherError, SetupError
 from .jobs import InvalidJob, JobParser, mask_url
 from .resume import DoneIds, id_hash, prepare_resume
