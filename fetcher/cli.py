@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import FetcherError, OutputClosed, SetupError, report
+from .errors import EXIT_PIPE, FetcherError, OutputClosed, SetupError, report
 from .shutdown import install_early_handlers
 
 if TYPE_CHECKING:  # imported where used: `fetcher --help` stays quick
@@ -305,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = Metrics()
         run = Run(settings, options, observer=metrics)
         code = uvloop.run(run_with_metrics(metrics, settings.metrics_host, port, run.execute))
-    if code == 141:
+    if code == EXIT_PIPE:
         _silence_stdout()
     return code
 
@@ -483,7 +483,7 @@ def _scaleout(args: argparse.Namespace) -> int:
         code = _worker(args)
     else:
         code = uvloop.run(_collect(args))
-    if code == 141:
+    if code == EXIT_PIPE:
         _silence_stdout()
     return code
 

@@ -13,13 +13,19 @@ Per-job error *types* are the strings of SPEC.md's table; ``JobError.type`` is o
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Final, Literal, get_args
 
-#  SPEC's exit codes for a command that stops on an expected failure.
-EXIT_USAGE = 2
-EXIT_OUTPUT = 3
-EXIT_PIPE = 141
+#  Every exit code of the commands (README, "Exit codes"), in one place.
+EXIT_OK = 0  # every job has a result line, and every result is ok
+EXIT_FAILED_JOBS = 1  # every job has a result line, some are not ok
+EXIT_USAGE = 2  # usage, config or job-file error: nothing was run
+EXIT_OUTPUT = 3  # the results could not be written
+EXIT_INTERNAL = 70  # a --processes child died of a bug (EX_SOFTWARE)
+EXIT_PIPE = 141  # the reader of OUT went away, as a shell reports SIGPIPE (128 + 13)
+#  Stopped by a signal after a graceful drain: 128 + the signal's number, as shells report it.
+EXIT_SIGNAL: Final = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 ErrorType = Literal[
     "invalid_job",

@@ -36,11 +36,18 @@ import uvloop
 
 from . import shutdown
 from .config import Settings
-from .errors import EXIT_OUTPUT, FetcherError, OutputError, SetupError, report
+from .errors import (
+    EXIT_FAILED_JOBS,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    FetcherError,
+    OutputError,
+    SetupError,
+    report,
+)
 from .jobs import JobParser
 from .runner import (
-    EXIT_FAILED_JOBS,
-    EXIT_OK,
     Opened,
     Run,
     RunOptions,
@@ -57,7 +64,6 @@ log = logging.getLogger("fetcher")
 
 READ_CHUNK = 256 * 1024
 #  A child that fails outside any expected error (a bug): the exit code of sysexits' EX_SOFTWARE.
-EXIT_INTERNAL = 70
 
 
 class Child:
@@ -187,19 +193,14 @@ class ParallelRun:
             source=self._source,
             initial=len(self._opened.done or ()) if self._opened is not None else 0,
         )
-        loop = asyncio.get_running_loop()
-        for sig in shutdown.STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
         codes: list[int] = []
         try:
-            for child in self._children:
-                await child.connect()
-            if shutdown.pending:
-                self._on_signal(shutdown.pending[0])  # the signal came while children started
-            codes = await asyncio.gather(*(self._drain(child) for child in self._children))
+            with shutdown.stop_signals(self._on_signal):
+                for child in self._children:
+                    await child.connect()
+                shutdown.replay(self._on_signal)  # a signal that came while children started
+                codes = await asyncio.gather(*(self._drain(child) for child in self._children))
         finally:
-            for sig in shutdown.STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
             for child in self._children:
                 if child.returncode is None:
                     child.kill()

@@ -6,7 +6,6 @@ run (resume, shard), and turns the way the run ended into an exit code.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -18,7 +17,16 @@ from typing import Any
 from . import shutdown
 from .api import Runner, RunObserver, build_handlers
 from .config import Settings
-from .errors import EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError, SetupError
+from .errors import (
+    EXIT_FAILED_JOBS,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_PIPE,
+    EXIT_SIGNAL,
+    OutputClosed,
+    OutputError,
+    SetupError,
+)
 from .http import INSECURE_WARNING, check_tls
 from .jobs import HttpJob, JobParser
 from .pool import Pool
@@ -32,10 +40,6 @@ from .stats import Progress, Stats
 log = logging.getLogger("fetcher")
 
 __all__ = ["Run", "RunObserver", "RunOptions", "build_handlers"]
-
-EXIT_OK = 0
-EXIT_FAILED_JOBS = 1
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,7 +291,7 @@ class Run:
         self._pool: Pool | None = None
         self._writer: JsonlWriter | None = None
         self._progress: Progress | None = None
-        self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace = shutdown.Grace(settings.shutdown_grace)
         self._revalidate: Revalidator | None = None
 
     async def execute(self) -> int:
@@ -315,27 +319,21 @@ class Run:
         # Results are counted (for progress and the summary) as their lines are flushed.
         unflushed = self._unflushed = Stats()
         self._writer.on_flush = lambda: self.stats.absorb(unflushed)
-        loop = asyncio.get_running_loop()
-        for sig in shutdown.STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            async with Runner(self.settings, observer=self.observer) as runner:
-                self._pool = runner.pool(emit=self._emit)
-                if shutdown.pending:
-                    self._on_signal(shutdown.pending[0])
-                if opened.nothing_left:  # every job is done: the file is not read again
-                    source.close()
-                    jobs: AsyncIterator[Item] | JobSource = _nothing()
-                elif done is None and revalidate is None:
-                    jobs = source
-                else:
-                    jobs = _to_run(source, done, revalidate)
-                await runner.execute(self._pool, jobs)
+            with shutdown.stop_signals(self._on_signal):
+                async with Runner(self.settings, observer=self.observer) as runner:
+                    self._pool = runner.pool(emit=self._emit)
+                    shutdown.replay(self._on_signal)
+                    if opened.nothing_left:  # every job is done: the file is not read again
+                        source.close()
+                        jobs: AsyncIterator[Item] | JobSource = _nothing()
+                    elif done is None and revalidate is None:
+                        jobs = source
+                    else:
+                        jobs = _to_run(source, done, revalidate)
+                    await runner.execute(self._pool, jobs)
         finally:
-            for sig in shutdown.STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
-            if self._grace_timer is not None:
-                self._grace_timer.cancel()
+            self._grace.cancel()
             self._close_writer()  # first: the bar's last draw counts the last flushed lines
             self._progress.close()
             if opts.summary:
@@ -379,15 +377,13 @@ class Run:
             pool.abort()
             return
         self._signal = sig
-        grace = self.settings.shutdown_grace
         log.warning(
             "%s: no new jobs; waiting up to %g s for %d in flight (signal again to stop now)",
             sig.name,
-            grace,
+            self._grace.seconds,
             pool.counters.in_flight,
         )
-        pool.stop()
-        self._grace_timer = asyncio.get_running_loop().call_later(grace, pool.abort)
+        self._grace.begin(pool)
 
     def _exit_code(self) -> int:
         early = early_exit_code(self._output_error, self._signal)

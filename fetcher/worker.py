@@ -38,12 +38,11 @@ import redis.exceptions as rexc
 from . import shutdown
 from .api import build_handlers, retry_policy
 from .config import Settings
-from .errors import EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError
+from .errors import EXIT_OK, EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError
 from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser, mask_url
 from .metrics import Metrics
 from .pool import Pool
-from .runner import EXIT_OK
 from .scaleout import (
     DEFAULT_GROUP,
     DEFAULT_RESULTS,
@@ -131,7 +130,7 @@ class Worker:
         self._stopping = False
         self._stop_at = 0.0
         self._signal: signal.Signals | None = None
-        self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace = shutdown.Grace(settings.shutdown_grace)
         self.health = RedisHealth(self._redis_changed)
         self._exit = EXIT_OK
 
@@ -152,12 +151,10 @@ class Worker:
             self._writer = JsonlWriter.open(
                 opts.output, append=True, fsync_interval=self.settings.fsync_interval
             )
-        loop = asyncio.get_running_loop()
-        for sig in shutdown.STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
         tasks: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
+                stack.enter_context(shutdown.stop_signals(self._on_signal))
                 self._redis = connect(opts.redis_url, reconnect_once=True)
                 stack.push_async_callback(self._redis.aclose)
                 # A worker adds to its WARC file as to its OUT: restarts append (resume).
@@ -191,15 +188,11 @@ class Worker:
                 ]
                 if self.metrics is not None:
                     tasks.append(asyncio.create_task(self._queue_stats_loop()))
-                if shutdown.pending:
-                    self._on_signal(shutdown.pending[0])
+                shutdown.replay(self._on_signal)
                 await self._pool.run(self._jobs())
                 await self._flush_store()
         finally:
-            for sig in shutdown.STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
-            if self._grace_timer is not None:
-                self._grace_timer.cancel()
+            self._grace.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -508,7 +501,7 @@ class Worker:
         log.warning(
             "%s: no new jobs; waiting up to %g s for %d in flight (signal again to stop now)",
             sig.name,
-            self.settings.shutdown_grace,
+            self._grace.seconds,
             pool.counters.in_flight,
         )
         self._stop()
@@ -526,10 +519,7 @@ class Worker:
             self._inbox.get_nowait()
         self._inbox.put_nowait(None)
         if self._pool is not None:
-            self._pool.stop()
-            self._grace_timer = asyncio.get_running_loop().call_later(
-                self.settings.shutdown_grace, self._pool.abort
-            )
+            self._grace.begin(self._pool)
 
     def _fatal(self, message: str) -> None:
         log.error("%s", message)

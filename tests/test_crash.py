@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from fetcher.errors import EXIT_PIPE
 from tests.slow_peer import SlowServer, assert_each_id_once, read_results, write_jobs
 
 FETCHER = [sys.executable, "-m", "fetcher"]
@@ -162,7 +163,7 @@ def test_closed_pipe_ends_quietly(slow_server: SlowServer, tmp_path: Path) -> No
     _, err = proc.communicate(timeout=30)
     assert b"Traceback" not in err and b"Exception ignored" not in err, err
     assert b"BrokenPipe" not in err
-    assert proc.returncode == 141  # as a shell reports a pipeline member ended by a closed pipe
+    assert proc.returncode == EXIT_PIPE == 141  # as a shell reports a pipe closed under it
 
 
 def test_device_full_is_one_clear_line_and_nonzero_exit(
