@@ -21,8 +21,9 @@ from ._version import __version__
 # Type checkers treat a bare TYPE_CHECKING name as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .api import Result, Runner, run_sync
+    from .api import run_sync
     from .config import Settings, load_settings
+    from .engine import Runner
     from .errors import (
         ERROR_TYPES,
         ConfigError,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         SetupError,
     )
     from .jobs import HttpJob, InvalidJob, JobParser, MailJob
+    from .results import Result
     from .schema import ErrorInfo, job_schema, result_schema
 
 __all__ = [
@@ -65,8 +67,8 @@ __all__ = [
 #  Where each lazily loaded name lives (relative to this package).
 _LAZY = {
     "ErrorInfo": "schema",
-    "Result": "api",
-    "Runner": "api",
+    "Result": "results",
+    "Runner": "engine",
     "run_sync": "api",
     "Settings": "config",
     "load_settings": "config",

@@ -39,8 +39,8 @@ from .errors import ConfigError, JobError
 from .fdlimit import idle_bounds
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
-from .pool import Outcome
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
+from .results import Outcome
 from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
 from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops

@@ -24,7 +24,8 @@ from pydantic import (
 from yarl import URL
 
 from .config import expand_env
-from .errors import ErrorType
+from .errors import ErrorType, JobError
+from .results import refused
 from .timeutil import utc_now_iso
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -248,19 +249,14 @@ class InvalidJob:
     url: str | None = None
 
     def to_result(self) -> dict[str, Any]:
-        result: dict[str, Any] = {
-            "id": self.id,
-            "kind": self.kind,
-            "ok": False,
-            "attempts": 0,
-            "started_at": self.read_at,
-            "elapsed_ms": 0,
-            "error": {"type": self.type, "message": self.message},
-            "line": self.line,
-        }
-        if self.url is not None:
-            result["url"] = self.url
-        return result
+        return refused(
+            self.id,
+            self.kind,
+            line=self.line,
+            started_at=self.read_at,
+            error=JobError(self.type, self.message),
+            url=self.url,
+        )
 
 
 #  What can start a malformed URL before its userinfo: a scheme, and any slashes after it.

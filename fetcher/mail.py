@@ -35,8 +35,8 @@ from .config import Settings, SmtpProfile
 from .errors import ErrorType, JobError
 from .jobs import MailJob
 from .message import build_message
-from .pool import Outcome
 from .ratelimit import KeyedRate
+from .results import Outcome
 
 log = logging.getLogger("fetcher")
 

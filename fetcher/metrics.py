@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .errors import SetupError
-from .pool import Handler, Outcome
+from .results import Handler, Outcome
 
 log = logging.getLogger("fetcher")
 

@@ -17,35 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import JobError
+from .results import Handler, Outcome, ResultLine, ran
 from .timeutil import utc_now_iso
 
 log = logging.getLogger("fetcher")
-
-Result = dict[str, Any]
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one attempt came to.
-
-    ``fields`` are the kind-specific result fields (status, url, ...). ``retry`` says the failure
-    is worth another attempt; ``retry_after`` is the server's requested wait, in seconds.
-    """
-
-    fields: dict[str, Any]
-    error: JobError | None = None
-    retry: bool = False
-    retry_after: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class Handler(Protocol):
-    async def attempt(self, job: Any) -> Outcome:
-        """Run one attempt of ``job``. Must not raise except CancelledError."""
-        ...
 
 
 class PoolJob(Protocol):
@@ -85,7 +60,7 @@ class Pool:
         self,
         *,
         handlers: Mapping[str, Handler],
-        emit: Callable[[Result], Awaitable[None] | None],
+        emit: Callable[[ResultLine], Awaitable[None] | None],
         concurrency: int,
         policy: RetryPolicy,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -176,7 +151,7 @@ class Pool:
             if pending is not None:
                 await pending
 
-    async def run_job(self, job: Any) -> Result:
+    async def run_job(self, job: Any) -> ResultLine:
         """All attempts of one job, retries and backoff included; returns its result line."""
         handler = self._handlers[job.kind]
         retries = self._policy.retries if job.retries is None else job.retries
@@ -204,17 +179,13 @@ class Pool:
                 await self._sleep(self._policy.delay(attempts, outcome.retry_after, self._rand))
         finally:
             counters.in_flight -= 1
-        error = outcome.error
-        result: Result = {
-            "id": job.id,
-            "kind": job.kind,
-            "ok": error is None,
-            "attempts": attempts,
-            "started_at": started_at,
-            "elapsed_ms": round((time.monotonic() - t0) * 1000, 3),
-            "error": None if error is None else {"type": error.type, "message": error.message},
-        }
-        result.update(outcome.fields)
-        if job.meta is not None:
-            result["meta"] = job.meta
-        return result
+        return ran(
+            job.id,
+            job.kind,
+            attempts=attempts,
+            started_at=started_at,
+            elapsed_ms=round((time.monotonic() - t0) * 1000, 3),
+            error=outcome.error,
+            fields=outcome.fields,
+            meta=job.meta,
+        )

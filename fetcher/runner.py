@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import shutdown
-from .api import Runner, RunObserver, build_handlers
 from .config import Settings
+from .engine import Runner, RunObserver
 from .errors import (
     EXIT_FAILED_JOBS,
     EXIT_OK,
@@ -39,7 +39,7 @@ from .stats import Progress, Stats
 
 log = logging.getLogger("fetcher")
 
-__all__ = ["Run", "RunObserver", "RunOptions", "build_handlers"]
+__all__ = ["Run", "RunObserver", "RunOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -123,7 +123,7 @@ class RefusedResult(_Result):
     )
 
 
-Result = Annotated[
+ResultModel = Annotated[
     HttpResult | MailResult | RefusedResult | InternalResult, Field(union_mode="left_to_right")
 ]
 """One result line: the models are disjoint, so exactly one of them matches a valid line."""
@@ -155,4 +155,4 @@ def job_schema() -> dict[str, Any]:
 
 def result_schema() -> dict[str, Any]:
     """Schema of one result line (what ``fetcher run`` writes and ``Result.to_dict()`` holds)."""
-    return _finish(TypeAdapter(Result).json_schema(mode="serialization"), "fetcher result")
+    return _finish(TypeAdapter(ResultModel).json_schema(mode="serialization"), "fetcher result")

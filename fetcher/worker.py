@@ -36,13 +36,14 @@ import redis.asyncio as aredis
 import redis.exceptions as rexc
 
 from . import shutdown
-from .api import build_handlers, retry_policy
 from .config import Settings
+from .engine import Runner
 from .errors import EXIT_OK, EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError
 from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser, mask_url
 from .metrics import Metrics
 from .pool import Pool
+from .results import abandoned
 from .scaleout import (
     DEFAULT_GROUP,
     DEFAULT_RESULTS,
@@ -159,17 +160,11 @@ class Worker:
                 stack.push_async_callback(self._redis.aclose)
                 # A worker adds to its WARC file as to its OUT: restarts append (resume).
                 appending = self.settings.model_copy(update={"resume": True})
-                handlers = await build_handlers(appending, stack)
+                runner = await stack.enter_async_context(Runner(appending, observer=self.metrics))
                 if self.metrics is not None:
-                    handlers = self.metrics.wrap(handlers)
                     self.metrics.add_check("redis", self._redis_ready)
                     self.metrics.held.set_function(lambda: len(self._held))
-                self._pool = Pool(
-                    handlers=handlers,
-                    emit=self._emit,
-                    concurrency=self._concurrency,
-                    policy=retry_policy(self.settings),
-                )
+                self._pool = runner.pool(emit=self._emit)
                 log.info(
                     "worker %s: group %s on %s (concurrency %d, claim-idle %g s, "
                     "max-deliveries %d)",
@@ -189,7 +184,7 @@ class Worker:
                 if self.metrics is not None:
                     tasks.append(asyncio.create_task(self._queue_stats_loop()))
                 shutdown.replay(self._on_signal)
-                await self._pool.run(self._jobs())
+                await runner.execute(self._pool, self._jobs())
                 await self._flush_store()
         finally:
             self._grace.cancel()
@@ -228,8 +223,8 @@ class Worker:
         self._store.append((entry_id, orjson.dumps(result), dead))
         self._store_wake.set()
         self.stats.record(result)
-        if self.metrics is not None:
-            self.metrics.result(result)
+        if self.metrics is not None and dead is not None:
+            self.metrics.result(result)  # the pool's results reach the metrics through Runner
         self._progress.tick()
         if self._writer is not None:
             try:
@@ -377,21 +372,15 @@ class Worker:
         job_id = raw_id if isinstance(raw_id, str) else str(line)
         kind = job.get("kind") or ("http" if "url" in job else None)
         kind = kind if kind in ("http", "mail") else None
-        result: dict[str, Any] = {
-            "id": job_id,
-            "kind": kind,
-            "ok": False,
-            "attempts": deliveries,
-            "started_at": utc_now_iso(),
-            "elapsed_ms": 0,
-            "error": {
-                "type": "abandoned",
-                "message": f"delivered {deliveries} times and never finished: dead-lettered",
-            },
-            "line": line,
-        }
-        if kind == "http" and isinstance(job.get("url"), str):
-            result["url"] = mask_url(job["url"])
+        url = job.get("url")
+        result = abandoned(
+            job_id,
+            kind,
+            line=line,
+            deliveries=deliveries,
+            started_at=utc_now_iso(),
+            url=mask_url(url) if kind == "http" and isinstance(url, str) else None,
+        )
         log.warning("job %s abandoned after %d deliveries", job_id, deliveries)
         self._held[entry_id] = job_id
         self._finish(entry_id, result, raw)

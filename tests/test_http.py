@@ -17,7 +17,8 @@ import pytest
 
 from fetcher.config import load_settings
 from fetcher.http import HttpHandler, retry_after_seconds
-from fetcher.pool import Outcome, Pool, RetryPolicy
+from fetcher.pool import Pool, RetryPolicy
+from fetcher.results import Outcome
 
 from .app import BOMB_INFLATED, GZIP_TEXT, JSON_BODY, ServerThread
 from .conftest import http_job

@@ -20,7 +20,8 @@ from fetcher import Runner, Settings
 from fetcher import metrics as metrics_module
 from fetcher.errors import JobError
 from fetcher.metrics import Metrics
-from fetcher.pool import Outcome, Pool, RetryPolicy
+from fetcher.pool import Pool, RetryPolicy
+from fetcher.results import Outcome
 
 from .redis_peer import HttpPeer, RedisPeer, free_port, http_peer, redis_peer
 from .test_scaleout import FETCHER, enqueue, wait_for, write_jobs

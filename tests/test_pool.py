@@ -10,7 +10,8 @@ import pytest
 
 from fetcher.errors import JobError
 from fetcher.jobs import InvalidJob
-from fetcher.pool import Outcome, Pool, RetryPolicy
+from fetcher.pool import Pool, RetryPolicy
+from fetcher.results import Outcome
 
 
 @dataclass

@@ -23,7 +23,8 @@ import yaml
 
 from fetcher import InvalidJob, JobParser, Runner, Settings, job_schema, result_schema
 from fetcher.errors import JobError
-from fetcher.pool import Outcome, Pool, RetryPolicy
+from fetcher.pool import Pool, RetryPolicy
+from fetcher.results import Outcome
 from fetcher.sources import merge_defaults
 
 from . import smtp_peer as peers
