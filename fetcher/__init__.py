@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .errors import (
         ERROR_TYPES,
         ConfigError,
+        ErrorInfo,
         ErrorType,
         FetcherError,
         JobError,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     )
     from .jobs import HttpJob, InvalidJob, JobParser, MailJob
     from .results import Result
-    from .schema import ErrorInfo, job_schema, result_schema
+    from .schema import job_schema, result_schema
 
 __all__ = [
     "ERROR_TYPES",
@@ -66,7 +67,7 @@ __all__ = [
 
 #  Where each lazily loaded name lives (relative to this package).
 _LAZY = {
-    "ErrorInfo": "schema",
+    "ErrorInfo": "errors",
     "Result": "results",
     "Runner": "engine",
     "run_sync": "api",

@@ -8,7 +8,7 @@
     │   └── OutputClosed    the reader went away (a closed pipe): stop quietly
     └── JobError            one job failed; becomes that job's result line, never escapes the pool
 
-Per-job error *types* are the strings of SPEC.md's table; ``JobError.type`` is one of them.
+Per-job error *types* are the strings of docs/results.md's table; ``JobError.type`` is one of them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import signal
 import sys
 from typing import Final, Literal, get_args
+
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from 3.12
 
 #  Every exit code of the commands (README, "Exit codes"), in one place.
 EXIT_OK = 0  # every job has a result line, and every result is ok
@@ -50,6 +52,16 @@ ErrorType = Literal[
 ]
 
 ERROR_TYPES: Final[tuple[str, ...]] = get_args(ErrorType)
+
+
+class ErrorInfo(TypedDict):
+    """The ``error`` object of a failed result: ``{"type": ..., "message": ...}``.
+
+    ``type`` is one of ``ERROR_TYPES`` (docs/results.md); ``message`` is one printable line.
+    """
+
+    type: ErrorType
+    message: str
 
 
 class FetcherError(Exception):

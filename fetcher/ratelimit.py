@@ -91,8 +91,8 @@ class KeyedRate:
 # Server signals that say "too much, slow down". Other error statuses (404, 500, ...) are answers
 # about the request, not about load, and count as a success for the controller.
 PRESSURE_STATUSES = frozenset({429, 503})
-# Error types (SPEC's) that a struggling server typically causes: refused or reset connections
-# and deadlines. dns, tls, blocked and the rest say nothing about load and are ignored.
+# Error types (docs/results.md) that a struggling server typically causes: refused or reset
+# connections and deadlines. dns, tls, blocked and the rest say nothing about load and are ignored.
 PRESSURE_ERRORS = frozenset({"connect", "timeout"})
 
 
@@ -276,9 +276,9 @@ class AdaptiveSlots:
     ) -> None:
         """Report one attempt to ``key``: call it after the attempt, before ``release``.
 
-        ``status`` is the response status (None without a response), ``error`` SPEC's error type
-        (None when ok), ``retry_after`` the server's Retry-After in seconds, ``latency`` the
-        seconds the attempt took.
+        ``status`` is the response status (None without a response), ``error`` its error type
+        (docs/results.md; None when ok), ``retry_after`` the server's Retry-After in seconds,
+        ``latency`` the seconds the attempt took.
         """
         host = self._hosts.get(key)
         if host is None:

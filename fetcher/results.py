@@ -6,13 +6,9 @@ fields and its error object are made in one place. ``Result`` is the library's v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from .errors import JobError
-
-if TYPE_CHECKING:
-    # Only for annotations: the schema module builds the result models, which a run never uses.
-    from .schema import ErrorInfo
+from .errors import ErrorInfo, JobError
 
 ResultLine = dict[str, Any]
 """One result line as written: a JSON object."""

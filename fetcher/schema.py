@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, with_config
-from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from 3.12
 
-from .errors import ErrorType
+from .errors import ErrorInfo
 from .jobs import HttpJob, MailJob
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -25,15 +24,9 @@ _closed = ConfigDict(extra="forbid")
 _ISO_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
 
 
-@with_config(_closed)
-class ErrorInfo(TypedDict):
-    """The ``error`` object of a failed result: ``{"type": ..., "message": ...}``.
-
-    ``type`` is one of ``ERROR_TYPES`` (SPEC's table); ``message`` is one printable line.
-    """
-
-    type: ErrorType
-    message: str
+# The error object is closed too (no other keys): the config is set on errors.py's TypedDict,
+# which the model layer keeps free of pydantic.
+with_config(_closed)(ErrorInfo)
 
 
 class _Result(BaseModel):

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-#  Every field a result line can carry (SPEC's result lines, wire facts, bodies on disk and
-#  reruns), and the two that --fields and CSV derive from ``error``.
+#  Every field a result line can carry (docs/results.md: result lines, wire facts, bodies on
+#  disk and reruns), and the two that --fields and CSV derive from ``error``.
 RESULT_FIELDS = (
     "id",
     "kind",
@@ -54,7 +54,7 @@ RESULT_FIELDS = (
 DERIVED_FIELDS = ("error_type", "error_message")
 KNOWN_FIELDS = frozenset(RESULT_FIELDS + DERIVED_FIELDS)
 
-#  SPEC's default CSV columns.
+#  The default CSV columns (docs/cli.md, output shaping).
 CSV_FIELDS = (
     "id",
     "kind",
