@@ -14,7 +14,7 @@
 ``Runner`` owns the shared HTTP session and the SMTP connection pools for as long as it is open;
 ``run()`` streams results in completion order with back-pressure, so a million-job generator
 never piles up in memory. The CLI's ``fetcher run`` is this engine plus a job file, a results
-file, resume and signals (``runner.Run``); both run on ``engine.Runner``.
+file, resume and signals (``run.Run``); both run on ``engine.Runner``.
 """
 
 from __future__ import annotations

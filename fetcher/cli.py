@@ -16,7 +16,7 @@ from .shutdown import install_early_handlers
 
 if TYPE_CHECKING:  # imported where used: `fetcher --help` stays quick
     from .config import Settings
-    from .runner import RunOptions
+    from .run import RunOptions
 
 log = logging.getLogger("fetcher")
 
@@ -252,7 +252,7 @@ def _silence_stdout() -> None:
 def _run(args: argparse.Namespace) -> int:
     from .config import load_settings
     from .fdlimit import fit_open_files
-    from .runner import Run
+    from .run import Run
 
     overrides = settings_overrides(args)
     overrides.update(
@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     code: int
     port = settings.metrics_port
     if settings.processes > 1:
-        from .multiproc import ParallelRun
+        from .processes import ParallelRun
 
         if port is not None:
             raise SetupError("--metrics-port is not available with --processes yet")
@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     from . import shaping
-    from .runner import RunOptions
+    from .run import RunOptions
 
     resume, overwrite = settings.resume, settings.overwrite
     progress, shard = settings.progress, settings.shard

@@ -1,6 +1,6 @@
 """Prometheus metrics and health endpoints for ``run`` and ``worker`` (``--metrics-port``).
 
-``Metrics`` watches a run the way runner.RunObserver describes: it wraps each handler to time
+``Metrics`` watches a run the way engine.RunObserver describes: it wraps each handler to time
 every attempt and count retries and jobs in flight, and sees every result line. It keeps its own
 CollectorRegistry, so nothing leaks in from (or out to) the process-wide default registry.
 
@@ -132,7 +132,7 @@ class Metrics:
         self._checks: list[tuple[str, Check]] = [("session", self._session_open)]
         self._lag = 0.0
 
-    # -- runner.RunObserver ------------------------------------------------------------------
+    # -- engine.RunObserver ------------------------------------------------------------------
 
     def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]:
         self._handlers = dict(handlers)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fetcher.runner import line_selector
+from fetcher.run import line_selector
 from tests.slow_peer import SlowServer, assert_each_id_once, read_results, write_jobs
 
 FETCHER = [sys.executable, "-m", "fetcher"]

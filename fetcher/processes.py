@@ -47,7 +47,7 @@ from .errors import (
     report,
 )
 from .jobs import JobParser
-from .runner import (
+from .run import (
     Opened,
     Run,
     RunOptions,
