@@ -358,32 +358,17 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .config import load_settings
-    from .inputs import FirstLines
-    from .jobs import InvalidJob, JobParser
-    from .sources import JobSource
+    from .jobs import JobParser
+    from .sources import JobCheck, JobSource
 
     settings = load_settings(args.config, input_overrides(args))
     parser = JobParser(smtp_profiles=settings.smtp.keys())
     source = JobSource.for_settings(args.jobs, parser, settings)
-    where = "<stdin>" if args.jobs == "-" else args.jobs
-    total = bad = 0
-    seen = FirstLines()
-    #  Line numbers as ids cannot repeat: a URL list is checked in constant memory.
-    check_ids = not source.ids_are_positions
+    check = JobCheck(args.jobs, source, sys.stdout)
     for item in source:
-        total += 1
-        if isinstance(item, InvalidJob):
-            bad += 1
-            print(f"{where}:{item.line}: {item.type}: {item.message}")
-            continue
-        if not check_ids:
-            continue
-        first = seen.first(item.id, item.line)
-        if first != item.line:
-            bad += 1
-            print(f"{where}:{item.line}: invalid_job: id {item.id!r} repeats line {first}")
-    print(f"fetcher: {total} jobs, {bad} invalid", file=sys.stderr)
-    return 0 if bad == 0 else 2
+        check.good(item)
+    print(f"fetcher: {check.total} jobs, {check.bad} invalid", file=sys.stderr)
+    return 0 if check.bad == 0 else 2
 
 
 # -- scale-out: enqueue, worker, collect (Redis Streams) ----------------------------------------

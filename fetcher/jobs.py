@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -259,6 +260,17 @@ class InvalidJob:
         )
 
 
+def merge_defaults(defaults: dict[str, Any], job: Any) -> Any:
+    """The job over its defaults; ``headers`` and ``params`` are merged one level deep."""
+    if not isinstance(job, dict):
+        return job
+    merged = {**defaults, **job}
+    for key in ("headers", "params"):
+        if isinstance(defaults.get(key), dict) and isinstance(job.get(key), dict):
+            merged[key] = {**defaults[key], **job[key]}
+    return merged
+
+
 #  What can start a malformed URL before its userinfo: a scheme, and any slashes after it.
 _SCHEME_PREFIX = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*:[/\\]*")
 
@@ -387,6 +399,28 @@ class JobParser:
             message=message,
             read_at=utc_now_iso(),
         )
+
+    def parse_json(
+        self,
+        raw: bytes,
+        line: int,
+        *,
+        defaults: dict[str, Any] | None = None,
+        expand_defaults: bool = False,
+    ) -> HttpJob | MailJob | InvalidJob:
+        """One job as JSON text: a JSONL line, or the job of a Redis stream entry. The one path
+        from bytes to a job, for job files and workers alike."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            return self.invalid(line, f"not valid JSON: {detail}")
+        # Expanding ${NAME} walks the whole job; skip the walk when the line holds no reference.
+        if defaults:
+            return self.parse(
+                merge_defaults(defaults, obj), line, expand=expand_defaults or b"${" in raw
+            )
+        return self.parse(obj, line, expand=b"${" in raw)
 
     def parse(self, obj: Any, line: int, *, expand: bool = True) -> HttpJob | MailJob | InvalidJob:
         """Validate one job object read at ``line``; never raises for bad input."""

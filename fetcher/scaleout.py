@@ -33,7 +33,7 @@ from .errors import FetcherError, SetupError
 from .jobs import InvalidJob, JobParser, mask_url
 from .resume import DoneIds, id_hash, prepare_resume
 from .sink import JsonlWriter
-from .sources import JobSource
+from .sources import JobCheck, JobSource
 
 __all__ = ["DEFAULT_GROUP", "DEFAULT_RESULTS", "DEFAULT_STREAM"]
 
@@ -255,9 +255,8 @@ async def enqueue(
         smtp_profiles = settings.smtp.keys()
     parser = _KeepRaw(smtp_profiles=smtp_profiles)
     source = JobSource.for_settings(jobs_path, parser, settings)
-    where = "<stdin>" if jobs_path == "-" else jobs_path
+    check = JobCheck(jobs_path, source, err)
     report = EnqueueReport()
-    seen = IdSet()
     client = connect(url)
     script = client.register_script(_XADD_BATCH)
     sending: asyncio.Task[Any] | None = None
@@ -275,13 +274,8 @@ async def enqueue(
     try:
         async for item in source:
             raw = parser.raw.pop(item.line, None)
-            if isinstance(item, InvalidJob):
+            if not check.good(item):
                 report.invalid += 1
-                print(f"{where}:{item.line}: {item.type}: {item.message}", file=err)
-                continue
-            if not seen.add(item.id):
-                report.invalid += 1
-                print(f"{where}:{item.line}: invalid_job: id {item.id!r} repeats", file=err)
                 continue
             if raw.get("id") != item.id:
                 raw = {**raw, "id": item.id}

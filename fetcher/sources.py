@@ -26,13 +26,11 @@ import sys
 import threading
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
-
-import orjson
+from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TextIO, TypeVar
 
 from .errors import JobFileError
-from .inputs import CsvRows, JobCount, check_job_defaults, input_format, url_object
-from .jobs import HttpJob, InvalidJob, JobParser, MailJob
+from .inputs import CsvRows, FirstLines, JobCount, check_job_defaults, input_format, url_object
+from .jobs import HttpJob, InvalidJob, JobParser, MailJob, merge_defaults
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -255,18 +253,9 @@ class JobSource:
     def _parse_line(self, lineno: int, raw: bytes | None) -> Item:
         if raw is None:
             return self._parser.invalid(lineno, f"line is longer than {MAX_LINE_BYTES} bytes")
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return self._parser.invalid(lineno, f"not valid JSON: {_first_line(str(exc))}")
-        # Expanding ${NAME} walks the whole job; skip the walk when the line holds no reference.
-        if self._defaults:
-            return self._parser.parse(
-                merge_defaults(self._defaults, obj),
-                lineno,
-                expand=self._expand_defaults or b"${" in raw,
-            )
-        return self._parser.parse(obj, lineno, expand=b"${" in raw)
+        return self._parser.parse_json(
+            raw, lineno, defaults=self._defaults, expand_defaults=self._expand_defaults
+        )
 
     def _parse_url_line(self, lineno: int, raw: bytes | None) -> Item | None:
         obj = url_object(lineno, raw, MAX_LINE_BYTES)
@@ -371,17 +360,6 @@ class JobSource:
             self._parser.parse(merge_defaults(defaults, job) if defaults else job, pos)
             for pos, job in enumerate(jobs, 1)
         ]
-
-
-def merge_defaults(defaults: dict[str, Any], job: Any) -> Any:
-    """The job over its defaults; ``headers`` and ``params`` are merged one level deep."""
-    if not isinstance(job, dict):
-        return job
-    merged = {**defaults, **job}
-    for key in ("headers", "params"):
-        if isinstance(defaults.get(key), dict) and isinstance(job.get(key), dict):
-            merged[key] = {**defaults[key], **job[key]}
-    return merged
 
 
 def _numbered_lines(f: BinaryIO) -> Iterator[Line]:
@@ -574,3 +552,33 @@ class _LineSplitter:
 
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
+
+
+class JobCheck:
+    """What ``validate`` and ``enqueue`` say about a job file: one ``FILE:LINE: TYPE: message``
+    line for each bad job and each repeated id, and the counts."""
+
+    def __init__(self, jobs_path: str, source: JobSource, out: TextIO) -> None:
+        self.where = "<stdin>" if jobs_path == "-" else jobs_path
+        self.total = self.bad = 0
+        self._out = out
+        #  Line numbers as ids cannot repeat: a URL list is checked in constant memory.
+        self._seen = None if source.ids_are_positions else FirstLines()
+
+    def good(self, item: Item) -> bool:
+        """Whether ``item`` is a valid job with an id not seen before; reports it if not."""
+        self.total += 1
+        if isinstance(item, InvalidJob):
+            return self._report(item.line, item.type, item.message)
+        if self._seen is not None:
+            first = self._seen.first(item.id, item.line)
+            if first != item.line:
+                return self._report(
+                    item.line, "invalid_job", f"id {item.id!r} repeats line {first}"
+                )
+        return True
+
+    def _report(self, line: int, type: str, message: str) -> bool:
+        self.bad += 1
+        print(f"{self.where}:{line}: {type}: {message}", file=self._out)
+        return False

@@ -354,11 +354,7 @@ class Worker:
     def _parse(self, raw: bytes | None, line: int) -> Item:
         if raw is None:
             return self._parser.invalid(line, "stream entry has no 'job' field")
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return self._parser.invalid(line, "stream entry is not valid JSON")
-        return self._parser.parse(obj, line, expand=b"${" in raw)
+        return self._parser.parse_json(raw, line)
 
     def _abandon(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
         raw = fields.get(b"job") or b"{}"

@@ -23,9 +23,9 @@ import yaml
 
 from fetcher import InvalidJob, JobParser, Runner, Settings, job_schema, result_schema
 from fetcher.errors import JobError
+from fetcher.jobs import merge_defaults
 from fetcher.pool import Pool, RetryPolicy
 from fetcher.results import Outcome
-from fetcher.sources import merge_defaults
 
 from . import smtp_peer as peers
 from .app import ServerThread
