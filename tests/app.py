@@ -39,12 +39,13 @@ import asyncio
 import gzip
 import hashlib
 import random
-import threading
 import time
 from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
+
+from tests.peers.base import AppThread
 
 COUNTS = web.AppKey("counts", dict)
 BOMB = web.AppKey("bomb", bytes)
@@ -310,42 +311,17 @@ def make_app() -> web.Application:
     return app
 
 
-class ServerThread:
+class ServerThread(AppThread):
     """Serves ``make_app()`` on 127.0.0.1 from a thread with its own event loop.
 
     Usable from sync tests (subprocesses) and from async tests on another loop alike.
     """
 
     def __init__(self) -> None:
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-server")
-        self._runner: web.AppRunner | None = None
+        super().__init__("fault-server", handler_cancellation=True, shutdown_timeout=1)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(
-            make_app(), handler_cancellation=True, shutdown_timeout=1, access_log=None
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server: Any = site._server
-        self.port = server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        close_loop(self._loop)
+    def make_app(self) -> web.Application:
+        return make_app()
 
     def count(self, key: str) -> int:
         counts: dict[str, int] = self._runner.app[COUNTS] if self._runner else {}

@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from tests.app import close_loop
+from tests.peers.base import AppThread
 
 
 def redis_binary() -> str:
@@ -130,7 +129,7 @@ def redis_peer(workdir: Path) -> Iterator[RedisPeer]:
         peer.stop()
 
 
-class HttpPeer:
+class HttpPeer(AppThread):
     """Routes: /ok/{name} (200), /status/{code}, /slow/{ms}, /hang/{key} (never answers),
     /gate/{gate}/{key} (answers 200 once the test calls ``open_gate(gate)``).
 
@@ -138,27 +137,9 @@ class HttpPeer:
     """
 
     def __init__(self) -> None:
+        super().__init__("http-peer")
         self.hits: Counter[str] = Counter()
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
         self._gates: dict[str, asyncio.Event] = {}  # used on the server's loop only
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        close_loop(self._loop)
 
     def open_gate(self, gate: str) -> None:
         """Let every request to /gate/{gate}/..., waiting or still to come, have its answer."""
@@ -167,22 +148,14 @@ class HttpPeer:
     def _gate(self, gate: str) -> asyncio.Event:
         return self._gates.setdefault(gate, asyncio.Event())
 
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/ok/{name}", self._ok)
         app.router.add_get("/status/{code}", self._status)
         app.router.add_get("/slow/{ms}", self._slow)
         app.router.add_get("/hang/{key}", self._hang)
         app.router.add_get("/gate/{gate}/{key}", self._gated)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-
-    async def _stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return app
 
     def _count(self, request: web.Request) -> None:
         self.hits[request.path] += 1

@@ -11,7 +11,6 @@ import base64
 import os
 import socket
 import ssl
-import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -28,7 +27,7 @@ from fetcher.http import HttpHandler
 from fetcher.jobs import HttpJob, InvalidJob, JobParser
 from fetcher.pool import Pool, RetryPolicy
 
-FETCHER = str(Path(sys.executable).with_name("fetcher"))
+from .helpers import FETCHER, assert_valid_results
 
 
 @dataclass
@@ -234,7 +233,9 @@ async def run_jobs(s: Settings, *jobs: HttpJob) -> list[dict[str, Any]]:
             concurrency=4,
             policy=RetryPolicy(retries=s.retries, backoff_base=0, backoff_max=0),
         )
-        return [await pool.run_job(j) for j in jobs]
+        results = [await pool.run_job(j) for j in jobs]
+    assert_valid_results(results)
+    return results
 
 
 async def run_one(s: Settings, spec: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +263,7 @@ async def run_cli(
         full_env.pop(name.lower(), None)
     full_env.update(env or {})
     proc = await asyncio.create_subprocess_exec(
-        FETCHER,
+        *FETCHER,
         *args,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

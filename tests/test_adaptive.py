@@ -19,6 +19,8 @@ from aiohttp import web
 from fetcher.api import Runner
 from fetcher.config import Settings
 
+from .helpers import assert_valid_results
+
 K = 4  # the server's capacity: requests in flight it serves; the next one gets a 429
 CONCURRENCY = 16
 JOBS = 240
@@ -93,7 +95,9 @@ async def run_jobs(url: str, n: int, **settings: Any) -> list[Any]:
     )
     jobs = [{"id": str(i), "url": f"{url}/item/{i}"} for i in range(n)]
     async with Runner(s) as runner:
-        return [r async for r in runner.run(jobs)]
+        results = [r async for r in runner.run(jobs)]
+    assert_valid_results(results)
+    return results
 
 
 def summary(server: CappedServer, results: list[Any]) -> str:

@@ -32,6 +32,7 @@ import fetcher
 from fetcher import HttpJob, InvalidJob, JobParser, Result, Runner, Settings, run_sync
 
 from . import smtp_peer as smtp_peers
+from .peers.base import AppThread
 from .smtp_peer import Peer as SmtpPeer
 
 # The SMTP server fixtures live in smtp_peer.py; binding them here makes pytest find them.
@@ -137,26 +138,15 @@ def test_import_is_cheap() -> None:
 # --- a local HTTP peer that counts open connections ---------------------------------------------
 
 
-class CountingServer:
+class CountingServer(AppThread):
     """aiohttp.web on 127.0.0.1:0 in its own thread: /ok, /slow?delay=S, /json, /status/N."""
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__("counting-server", handler_cancellation=True)
         self.requests = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="counting-server")
-        self._runner: web.AppRunner | None = None
         self._transports: set[int] = set()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         @web.middleware
         async def track(request: web.Request, handler: Any) -> web.StreamResponse:
             self.requests += 1
@@ -186,11 +176,7 @@ class CountingServer:
                 web.get("/status/{code:\\d+}", status),
             ]
         )
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
     def open_connections(self) -> int:
         """Connections clients hold open to this server right now."""
@@ -210,13 +196,6 @@ class CountingServer:
         while (n := self.open_connections()) and _monotonic() < deadline:
             threading.Event().wait(0.02)
         return n
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
 
 
 def _monotonic() -> float:

@@ -8,7 +8,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 from fetcher.errors import EXIT_PIPE
 from tests.slow_peer import SlowServer, assert_each_id_once, read_results, write_jobs
 
-FETCHER = [sys.executable, "-m", "fetcher"]
+from .helpers import FETCHER
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from .app import ServerThread
+from .helpers import assert_valid_results
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 COMMON = {"id", "kind", "ok", "attempts", "started_at", "elapsed_ms", "error"}
@@ -72,6 +73,7 @@ def json_lines(data: bytes) -> list[dict[str, Any]]:
     lines = data.decode().splitlines()
     results = [orjson.loads(line) for line in lines]
     assert all(isinstance(r, dict) for r in results)
+    assert_valid_results(results)  # every line the end-to-end tests read meets the schema
     return results
 
 

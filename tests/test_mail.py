@@ -21,6 +21,7 @@ from fetcher.message import build_message
 from fetcher.pool import Pool, RetryPolicy
 
 from . import smtp_peer as peers
+from .helpers import assert_valid_results
 from .smtp_peer import PASSWORD, USER, Peer
 
 # The SMTP server fixtures live in smtp_peer.py; binding them here makes pytest find them.
@@ -73,6 +74,7 @@ async def run_jobs(
         )
         await pool.run(_items(parsed))
     assert len(results) == len(jobs)
+    assert_valid_results(results)
     return {r["id"]: r for r in results}
 
 

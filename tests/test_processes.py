@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ import pytest
 from fetcher.run import line_selector
 from tests.slow_peer import SlowServer, assert_each_id_once, read_results, write_jobs
 
-FETCHER = [sys.executable, "-m", "fetcher"]
+from .helpers import FETCHER
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ of a results file they and --resume share (resume.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,8 @@ from aiohttp import web
 from fetcher import resume
 from fetcher.resume import IdIndex, done_job_lines, prepare_resume, read_done, records
 
-from .app import ServerThread, close_loop
+from .app import ServerThread
+from .peers.base import AppThread
 from .test_e2e import by_id, fetcher, json_lines, write_jsonl
 
 # --- --retry-failed and merge ------------------------------------------------------------------
@@ -103,19 +102,16 @@ def test_merge_refuses_mixed_formats(tmp_path: Path) -> None:
 # --- --since against a server with validators ---------------------------------------------------
 
 
-class StaticServer:
+class StaticServer(AppThread):
     """aiohttp's static files (ETag, Last-Modified, 304 on a match) on 127.0.0.1, recording
     the conditional headers of every request."""
 
     def __init__(self, root: Path) -> None:
+        super().__init__("static", shutdown_timeout=1)
         self.root = root
         self.seen: list[dict[str, str]] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="static")
-        self._runner: web.AppRunner | None = None
 
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
             self.seen.append(
@@ -126,23 +122,7 @@ class StaticServer:
 
         app = web.Application(middlewares=[record])
         app.add_routes([web.static("/", self.root)])
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def __enter__(self) -> StaticServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        close_loop(self._loop)
+        return app
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,9 +16,9 @@ import orjson
 import pytest
 import redis
 
+from .helpers import FETCHER
 from .redis_peer import HttpPeer, RedisPeer, http_peer, redis_peer
 
-FETCHER = [sys.executable, "-m", "fetcher"]
 CONFIG = """\
 backoff_base: 0.01
 backoff_max: 0.05

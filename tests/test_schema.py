@@ -29,7 +29,7 @@ from fetcher.results import Outcome
 
 from . import smtp_peer as peers
 from .app import ServerThread
-from .conftest import assert_valid_result
+from .helpers import assert_valid_result
 from .smtp_peer import Peer
 
 smtp_peer = peers.smtp_peer
@@ -259,7 +259,7 @@ def test_every_line_of_a_mixed_run_validates(
     assert proc.returncode == 1, proc.stderr.decode()
     lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     for line in lines:
-        assert_valid_result(results_validator, line)
+        assert_valid_result(line)
     results = {r["id"]: r for r in lines}
     got = {i: r["error"]["type"] if r["error"] else None for i, r in results.items()}
     assert got == EXPECTED_TYPES
@@ -346,7 +346,7 @@ async def test_internal_and_abandoned_lines_validate(
     await pool.run(_items([job]))
     [internal] = results
     assert internal["error"]["type"] == "internal" and internal["meta"] == {"k": 1}
-    assert_valid_result(results_validator, internal)
+    assert_valid_result(internal)
     # The scale-out worker's dead-letter line (worker.py ``_abandon``), as it writes it.
     abandoned = {
         "id": "deadly",
@@ -359,7 +359,7 @@ async def test_internal_and_abandoned_lines_validate(
         "line": 2,
         "url": "http://h/hang",
     }
-    assert_valid_result(results_validator, abandoned)
+    assert_valid_result(abandoned)
     assert JobError("internal", "x").to_dict()["type"] == "internal"
 
 
@@ -373,5 +373,5 @@ async def test_library_results_validate(
     ]
     async with Runner(Settings(retries=0, timeout=5)) as runner:
         async for result in runner.run(jobs):
-            assert_valid_result(results_validator, result.to_dict())
+            assert_valid_result(result.to_dict())
     await asyncio.sleep(0)

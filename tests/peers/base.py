@@ -4,9 +4,12 @@ the peer answers it, and async tests on another loop can use it alike."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
+
+from aiohttp import web
 
 T = TypeVar("T")
 
@@ -59,3 +62,36 @@ async def _settle() -> None:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+class AppThread(LoopThread):
+    """An aiohttp.web application on 127.0.0.1, port 0, served from its own thread: over https
+    when given an SSL context. Subclasses build the application in ``make_app`` (called on the
+    peer's loop); ``runner_options`` go to ``web.AppRunner``."""
+
+    def __init__(
+        self, name: str, *, ssl_context: ssl.SSLContext | None = None, **runner_options: Any
+    ) -> None:
+        super().__init__(name)
+        self._ssl = ssl_context
+        self._options: dict[str, Any] = {"access_log": None, "shutdown_timeout": 0.1}
+        self._options.update(runner_options)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.port}"
+
+    def make_app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.make_app(), **self._options)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
