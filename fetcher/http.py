@@ -35,13 +35,14 @@ from yarl import URL
 from .config import Settings, TlsSettings
 from .connector import BoundedConnector
 from .deadline import Deadlines
-from .errors import ConfigError, JobError
+from .errors import JobError
 from .fdlimit import idle_bounds
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
 from .results import Outcome
 from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
+from .tls import ssl_context
 from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops
 
@@ -93,59 +94,6 @@ def _result(host: str, address: str, port: int) -> ResolveResult:
         proto=0,
         flags=socket.AI_NUMERICHOST,
     )
-
-
-def ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The client TLS context of the ``tls`` settings; raises ConfigError for unusable files."""
-    tls = settings.tls
-    ctx = ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.ca_bundle is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(tls.ca_bundle))
-        except (OSError, ssl.SSLError) as exc:
-            reason = _tls_reason(exc)
-            raise ConfigError(f"tls.ca_bundle: cannot load {tls.ca_bundle}: {reason}") from None
-    if tls.client_cert is not None:
-        try:
-            ctx.load_cert_chain(
-                str(tls.client_cert), str(tls.client_key) if tls.client_key is not None else None
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"tls.client_cert: cannot load {tls.client_cert}: {_tls_reason(exc)}"
-            ) from None
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _tls_reason(exc: OSError | ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return "not a usable PEM certificate or key"
-    return exc.strerror or str(exc)
-
-
-#  Printed once per run, by `fetcher run` and by `fetcher worker`, however verification was
-#  turned off (--insecure, FETCHER_INSECURE, insecure or tls.verify in the config).
-INSECURE_WARNING = "TLS certificate verification is OFF (--insecure): responses may be forged"
-
-
-def check_tls(settings: Settings) -> None:
-    """Fail now, before any output is opened, when the TLS files of the config are unusable
-    (the SMTP profiles' CA bundles too: mail connections load them only when first used)."""
-    if settings.tls != TlsSettings():
-        ssl_context(settings)
-    for name, profile in settings.smtp.items():
-        if profile.ca_bundle is not None:
-            try:
-                ssl.create_default_context(cafile=str(profile.ca_bundle))
-            except (OSError, ssl.SSLError) as exc:
-                reason = _tls_reason(exc)
-                raise ConfigError(
-                    f"smtp.{name}.ca_bundle: cannot load {profile.ca_bundle}: {reason}"
-                ) from None
 
 
 def retry_after_seconds(value: str | None) -> float | None:

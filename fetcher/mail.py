@@ -37,6 +37,7 @@ from .jobs import MailJob
 from .message import build_message
 from .ratelimit import KeyedRate
 from .results import Outcome
+from .tls import smtp_ssl_context
 
 log = logging.getLogger("fetcher")
 
@@ -438,19 +439,6 @@ async def _rset(conn: _Conn) -> None:
         await conn.smtp.rset()
     except (aiosmtplib.SMTPException, OSError):
         conn.drop()
-
-
-def smtp_ssl_context(settings: Settings, profile: SmtpProfile) -> ssl.SSLContext:
-    """TLS for one profile: system CAs, the run's and the profile's extra CAs, --insecure."""
-    ctx = ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    for bundle in (settings.tls.ca_bundle, profile.ca_bundle):
-        if bundle is not None:
-            ctx.load_verify_locations(cafile=str(bundle))
-    if not settings.tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def _outcome(

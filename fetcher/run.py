@@ -27,7 +27,6 @@ from .errors import (
     OutputError,
     SetupError,
 )
-from .http import INSECURE_WARNING, check_tls
 from .jobs import HttpJob, JobParser
 from .pool import Pool
 from .resume import DoneIds, IdIndex, done_job_lines, estimate_lines, prepare_resume, read_done
@@ -36,6 +35,7 @@ from .shaping import CsvEncoder, Encoder, encoder
 from .sink import JsonlWriter
 from .sources import Item, JobSource
 from .stats import Progress, Stats
+from .tls import INSECURE_WARNING, check_tls
 
 log = logging.getLogger("fetcher")
 

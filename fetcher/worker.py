@@ -39,7 +39,6 @@ from . import shutdown
 from .config import Settings
 from .engine import Runner
 from .errors import EXIT_OK, EXIT_OUTPUT, EXIT_PIPE, OutputClosed, OutputError
-from .http import INSECURE_WARNING, check_tls
 from .jobs import JobParser, mask_url
 from .metrics import Metrics
 from .pool import Pool
@@ -58,6 +57,7 @@ from .sink import JsonlWriter
 from .sources import Item
 from .stats import Progress, Stats
 from .timeutil import utc_now_iso
+from .tls import INSECURE_WARNING, check_tls
 
 log = logging.getLogger("fetcher")
 

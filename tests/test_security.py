@@ -17,7 +17,7 @@ import orjson
 import pytest
 import trustme
 
-from fetcher.http import ssl_context
+from fetcher.tls import ssl_context
 
 from . import smtp_peer as smtp_peers
 from .redis_peer import redis_peer
