@@ -41,7 +41,6 @@ import hashlib
 import random
 import time
 from email.utils import formatdate
-from typing import Any
 
 from aiohttp import web
 
@@ -326,19 +325,3 @@ class ServerThread(AppThread):
     def count(self, key: str) -> int:
         counts: dict[str, int] = self._runner.app[COUNTS] if self._runner else {}
         return counts.get(key, 0)
-
-
-def close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Close a stopped server loop, first ending handlers still waiting on a peer (a hang or a
-    trickle whose client never hung up), so none is destroyed pending."""
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(_settle(pending))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-
-
-async def _settle(tasks: set[asyncio.Task[Any]]) -> None:
-    await asyncio.gather(*tasks, return_exceptions=True)

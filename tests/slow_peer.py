@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,19 +10,21 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from tests.app import close_loop
+from tests.peers.base import AppThread
 
 
-class SlowServer:
+class SlowServer(AppThread):
     """An aiohttp app on 127.0.0.1:0 in a thread: /slow?ms=N answers after N ms."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
+        super().__init__("slow-peer", handler_cancellation=True)
         self.in_flight: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/slow", self._slow)
+        return app
 
     async def _slow(self, request: web.Request) -> web.Response:
         tag = request.query.get("tag", "")
@@ -40,29 +41,6 @@ class SlowServer:
         while self.in_flight[tag] < n:
             assert time.monotonic() < deadline, f"fewer than {n} requests in flight"
             time.sleep(0.01)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/slow", self._slow)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        self.loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self._runner.cleanup())
-        close_loop(self.loop)
-
-    def __enter__(self) -> SlowServer:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 def write_jobs(path: Path, port: int, n: int, ms: int) -> set[str]:
