@@ -39,6 +39,7 @@ ErrorType = Literal[
     "proxy",
     "checksum",
     "save",
+    "robots",
     "abandoned",
     "internal",
 ]

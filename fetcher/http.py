@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.compression_utils import (
     HAS_BROTLI,
     HAS_ZSTD,
@@ -40,6 +41,7 @@ from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .pool import Outcome
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
+from .robots import RobotsGate, RobotsRefused
 from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
 from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops
@@ -206,6 +208,7 @@ class HttpHandler:
         self._warc: WarcWriter | None = None  # opened in __aenter__
         self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
         self._trace = settings.trace
+        self._robots: RobotsGate | None = None  # --robots, made with the session
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -238,6 +241,23 @@ class HttpHandler:
         )
         if self._trace:
             time_tcp_connected(connector)
+        # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
+        middlewares: tuple[ClientMiddlewareType, ...] = (
+            (self.policy.proxied_destination_check(s.resolve),) if s.proxy or s.trust_env else ()
+        )
+        robots_check: tuple[ClientMiddlewareType, ...] = ()
+        if s.robots:
+            user_agent = next(
+                (v for k, v in s.headers.items() if k.lower() == "user-agent"), s.user_agent
+            )
+            self._robots = RobotsGate(
+                lambda: self.session,
+                user_agent=user_agent,
+                timeout=s.timeout,
+                rate=s.rate,
+                middlewares=middlewares,
+            )
+            robots_check = (self._robots.redirect_check,)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # Jobs are independent: no cookie carries over from one to another.
@@ -255,17 +275,14 @@ class HttpHandler:
             trace_configs=[trace_config()] if self._trace else None,
             trust_env=s.trust_env,
             proxy=s.proxy,
-            # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
-            middlewares=(
-                (self.policy.proxied_destination_check(s.resolve),)
-                if s.proxy or s.trust_env
-                else ()
-            ),
+            middlewares=middlewares + robots_check,
         )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._deadlines.close()
+        if self._robots is not None:
+            await self._robots.close()
         if self._session is not None:
             await self._session.close()
         await self._resolver.close()
@@ -285,6 +302,11 @@ class HttpHandler:
             # An explicit Authorization header wins over credentials in the URL, as in curl
             # (aiohttp refuses the two together with a ValueError).
             url = url.with_user(None)
+        if self._robots is not None:
+            refusal = await self._robots.check(url)
+            if refusal is not None:
+                # Never sent: the pool's count of attempts is overridden (SPEC: attempts 0).
+                return Outcome({**_empty_fields(job), "attempts": 0}, refusal)
         host = url.host or ""
         if self._rate.interval:
             await self._rate.acquire(host)
@@ -750,6 +772,8 @@ def classify(
 
     ``proxy`` names the proxy (``host:port``) for the message of a refused tunnel.
     """
+    if isinstance(exc, RobotsRefused):  # a redirect to a URL robots.txt disallows
+        return exc.error, False, True
     if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
         return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
     if isinstance(exc, OSError) and is_blocked_error(exc):  # from the proxied-destination check
