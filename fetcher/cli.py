@@ -171,6 +171,11 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
         help="file name under DIR: {id} {sha256} {sha256:0:2} {host} {path} {ext} {status}",
     )
     p.add_argument("--warc", metavar="FILE", help="also record every exchange in a WARC file")
+    for flag, text in (
+        ("--trace", "add timings, redirect_chain and tls to http results (off)"),
+        ("--robots", "obey robots.txt of every origin, and its Crawl-delay (off)"),
+    ):
+        p.add_argument(flag, action="store_const", const=True, default=None, help=text)
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,6 +199,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "insecure",
             "metrics_port",
             "metrics_host",
+            "trace",
+            "robots",
         )
     }
 

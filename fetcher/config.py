@@ -139,6 +139,8 @@ class Settings(BaseModel):
     warc: WarcSettings = WarcSettings()
     proxy: str | None = Field(default=None, repr=False)
     trust_env: bool = False
+    trace: bool = False  # --trace: timings, redirect_chain and tls in http results
+    robots: bool = False  # --robots: obey robots.txt and its Crawl-delay
     smtp: dict[str, SmtpProfile] = Field(default_factory=_default_smtp)
     # The other options of `fetcher run` (the Python API ignores these; `fetcher worker` reads
     # only insecure and the metrics keys), so that each can be set here and by FETCHER_<NAME>.

@@ -47,6 +47,7 @@ ErrorType = Literal[
     "proxy",
     "checksum",
     "save",
+    "robots",
     "abandoned",
     "internal",
 ]

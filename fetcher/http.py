@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.compression_utils import (
     HAS_BROTLI,
     HAS_ZSTD,
@@ -28,7 +29,6 @@ from aiohttp.compression_utils import (
     ZLibDecompressor,
     ZSTDDecompressor,
 )
-from aiohttp.connector import Connection
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
@@ -41,10 +41,20 @@ from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
 from .results import Outcome
+from .robots import RobotsGate, RobotsRefused
 from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
 from .tls import ssl_context
 from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops
+from .wire import (
+    CURRENT,
+    PeerResponse,
+    TracedResponse,
+    Wire,
+    peer_text,
+    time_tcp_connected,
+    trace_config,
+)
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 #  A proxy that could not reach the origin, or is overloaded, may do better on a later try;
@@ -110,21 +120,6 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class PeerResponse(aiohttp.ClientResponse):
-    """A response that remembers the address it came from (``WARC-IP-Address``). aiohttp lets
-    go of the connection as soon as the body is in, for a small body before ``request()``
-    even returns, so the address is taken when the response starts."""
-
-    peer: str | None = None
-
-    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
-        transport = connection.transport
-        address = None if transport is None else transport.get_extra_info("peername")
-        if address:
-            self.peer = str(address[0])
-        return await super().start(connection)
-
-
 class HttpHandler:
     """Runs HttpJob attempts through one shared session. Use as an async context manager."""
 
@@ -160,6 +155,8 @@ class HttpHandler:
         self._store = None if save.dir is None else BodyStore(save.dir, NameTemplate(save.name))
         self._warc: WarcWriter | None = None  # opened in __aenter__
         self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
+        self._trace = settings.trace
+        self._robots: RobotsGate | None = None  # --robots, made with the session
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -190,6 +187,25 @@ class HttpHandler:
             resolver=self._resolver,
             socket_factory=self.policy.socket_factory,
         )
+        if self._trace:
+            time_tcp_connected(connector)
+        # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
+        middlewares: tuple[ClientMiddlewareType, ...] = (
+            (self.policy.proxied_destination_check(s.resolve),) if s.proxy or s.trust_env else ()
+        )
+        robots_check: tuple[ClientMiddlewareType, ...] = ()
+        if s.robots:
+            user_agent = next(
+                (v for k, v in s.headers.items() if k.lower() == "user-agent"), s.user_agent
+            )
+            self._robots = RobotsGate(
+                lambda: self.session,
+                user_agent=user_agent,
+                timeout=s.timeout,
+                rate=s.rate,
+                middlewares=middlewares,
+            )
+            robots_check = (self._robots.redirect_check,)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # Jobs are independent: no cookie carries over from one to another.
@@ -201,20 +217,20 @@ class HttpHandler:
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
             # A WARC keeps the bytes as they came (content-encoding and all): _Decoder decodes.
             auto_decompress=self._warc is None,
-            response_class=aiohttp.ClientResponse if self._warc is None else PeerResponse,
+            # The peer's address is taken when each response starts (wire.py).
+            response_class=TracedResponse if self._trace else PeerResponse,
+            # Only under --trace: trace callbacks run for every request of the session.
+            trace_configs=[trace_config()] if self._trace else None,
             trust_env=s.trust_env,
             proxy=s.proxy,
-            # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
-            middlewares=(
-                (self.policy.proxied_destination_check(s.resolve),)
-                if s.proxy or s.trust_env
-                else ()
-            ),
+            middlewares=middlewares + robots_check,
         )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._deadlines.close()
+        if self._robots is not None:
+            await self._robots.close()
         if self._session is not None:
             await self._session.close()
         await self._resolver.close()
@@ -234,6 +250,11 @@ class HttpHandler:
             # An explicit Authorization header wins over credentials in the URL, as in curl
             # (aiohttp refuses the two together with a ValueError).
             url = url.with_user(None)
+        if self._robots is not None:
+            refusal = await self._robots.check(url)
+            if refusal is not None:
+                # Never sent: the pool's count of attempts is overridden (SPEC: attempts 0).
+                return Outcome({**_empty_fields(job), "attempts": 0}, refusal)
         host = url.host or ""
         if self._rate.interval:
             await self._rate.acquire(host)
@@ -246,9 +267,17 @@ class HttpHandler:
         # The deadline starts once this job holds its host slot: waiting behind other jobs
         # to the same host is not the server's fault.
         task = self._deadlines.start(timeout)
+        options = self._options(job)
+        wire = None
+        if self._trace:
+            wire = Wire()
+            traced = CURRENT.set(wire)
+            options = {**options, "trace_request_ctx": wire}
+        history: tuple[aiohttp.ClientResponse, ...] = ()
         try:
-            async with self.session.request(job.method, url, **self._options(job)) as resp:
+            async with self.session.request(job.method, url, **options) as resp:
                 outcome = await self._read(job, resp)
+                history = resp.history
                 return outcome
         except asyncio.CancelledError:
             if not self._deadlines.passed(task):
@@ -257,9 +286,14 @@ class HttpHandler:
             return outcome
         except Exception as exc:  # noqa: BLE001 - classified below, anything else re-raised
             outcome = self._failure(job, exc, resp, timeout)
+            history = resp.history if resp is not None else getattr(exc, "history", ())
             return outcome
         finally:
             self._deadlines.stop(task)
+            if wire is not None:
+                CURRENT.reset(traced)
+                if outcome is not None:
+                    _add_trace(outcome.fields, wire, history)
             if self._adaptive is not None and outcome is not None:
                 _feedback(self._adaptive, host, resp, outcome, started)
             if self._limit_hosts:
@@ -475,6 +509,18 @@ def _feedback(
     )
 
 
+def _add_trace(
+    fields: dict[str, Any], wire: Wire, history: tuple[aiohttp.ClientResponse, ...]
+) -> None:
+    """--trace: the final hop's phases, the hops before it, its TLS session."""
+    done = time.monotonic() if wire.headers is not None else None
+    fields["timings"] = wire.timings(done)
+    fields["redirect_chain"] = [
+        {"url": mask_url(str(hop.url)), "status": hop.status} for hop in history
+    ]
+    fields["tls"] = wire.tls
+
+
 def _empty_fields(job: HttpJob) -> dict[str, Any]:
     return {
         "url": mask_url(job.url),
@@ -486,6 +532,8 @@ def _empty_fields(job: HttpJob) -> dict[str, Any]:
         "bytes": None,
         "sha256": None,
         "redirects": 0,
+        "remote_addr": None,
+        "http_version": None,
     }
 
 
@@ -511,7 +559,24 @@ def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, An
         "bytes": None,
         "sha256": None,
         "redirects": len(resp.history),
+        "remote_addr": peer_text(getattr(resp, "peername", None)),
+        "http_version": _version_text(resp.version),
     }
+
+
+#  Formatted once: the version of every response of a run is one of these.
+_VERSIONS = {aiohttp.HttpVersion11: "1.1", aiohttp.HttpVersion10: "1.0"}
+
+
+def _version_text(version: aiohttp.HttpVersion | None) -> str | None:
+    if version is None:
+        return None
+    return _VERSIONS.get(version) or f"{version.major}.{version.minor}"
+
+
+def _peer_ip(resp: aiohttp.ClientResponse) -> str | None:
+    address = getattr(resp, "peername", None)
+    return str(address[0]) if address else None
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, cap: int | None) -> bytes | None:
@@ -604,7 +669,7 @@ def _hop(resp: aiohttp.ClientResponse, payload: RawSpool | None) -> Hop:
         status_line=f"{resp.status} {resp.reason or ''}".rstrip(),
         protocol="HTTP/1.1" if version is None else f"HTTP/{version.major}.{version.minor}",
         response_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers],
-        ip=getattr(resp, "peer", None),
+        ip=_peer_ip(resp),
         payload=payload,
         announced_body=(length not in ("", "0")) or "Transfer-Encoding" in resp.headers,
     )
@@ -655,6 +720,8 @@ def classify(
 
     ``proxy`` names the proxy (``host:port``) for the message of a refused tunnel.
     """
+    if isinstance(exc, RobotsRefused):  # a redirect to a URL robots.txt disallows
+        return exc.error, False, True
     if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
         return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
     if isinstance(exc, OSError) and is_blocked_error(exc):  # from the proxied-destination check

@@ -56,6 +56,45 @@ class WarcRef(BaseModel):
     length: int = Field(ge=1)
 
 
+class Timings(BaseModel):
+    """--trace: the phases of the final attempt's final hop, in ms; null for one that did not
+    happen (no lookup, a reused connection, plain http, no response)."""
+
+    model_config = _closed
+    dns_ms: float | None = Field(ge=0)
+    connect_ms: float | None = Field(ge=0)
+    tls_ms: float | None = Field(ge=0)
+    ttfb_ms: float | None = Field(ge=0, description="connection ready to status line and headers")
+    download_ms: float | None = Field(ge=0, description="headers to the end of the body")
+
+
+class Hop(BaseModel):
+    """--trace: one response before the final one (a redirect)."""
+
+    model_config = _closed
+    url: str
+    status: int
+
+
+class Certificate(BaseModel):
+    """--trace: the server's certificate (null when it was not verified)."""
+
+    model_config = _closed
+    subject: str = Field(description="RFC 4514 distinguished name")
+    issuer: str = Field(description="RFC 4514 distinguished name")
+    not_after: str | None = Field(pattern=_ISO_UTC)
+    san: list[str] = Field(description="subjectAltName values (DNS names, IP addresses)")
+
+
+class TlsInfo(BaseModel):
+    """--trace, https: the TLS session of the final response."""
+
+    model_config = _closed
+    version: str | None = Field(description="TLSv1.2, TLSv1.3")
+    cipher: str | None
+    cert: Certificate | None
+
+
 class HttpResult(_Ran):
     """An http job that ran (ok or not)."""
 
@@ -82,6 +121,15 @@ class HttpResult(_Ran):
     not_modified: bool | None = Field(
         default=None, description="--since: a 304, bytes and sha256 carried from PREV"
     )
+    remote_addr: str | None = Field(
+        default=None, description='"ip:port" of the connection of the final response'
+    )
+    http_version: str | None = Field(default=None, description='"1.1"; null without a response')
+    timings: Timings | None = Field(default=None, description="--trace")
+    redirect_chain: list[Hop] | None = Field(
+        default=None, description="--trace: the hops before the final response"
+    )
+    tls: TlsInfo | None = Field(default=None, description="--trace: https only")
 
 
 class MailResult(_Ran):

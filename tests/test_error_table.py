@@ -28,7 +28,9 @@ from yarl import URL
 
 from fetcher import http, mail
 from fetcher.config import SmtpProfile
+from fetcher.errors import JobError
 from fetcher.netpolicy import BlockedAddress
+from fetcher.robots import RobotsRefused
 
 RAISED = "re-raised"  # not a job's failure: classify() lets it through (a bug, or a TypeError)
 #  Where an OSError subclass may come from while a request or an SMTP session runs.
@@ -140,6 +142,8 @@ HTTP_ROWS = [
     Row(aiohttp.InvalidUrlRedirectClientError("http://[::1"), "too_many_redirects", False),
     Row(aiohttp.NonHttpUrlRedirectClientError("ftp://x/"), "too_many_redirects", False),
     Row(aiohttp.WSMessageTypeError("not text"), RAISED, False),
+    # fetcher's own: a redirect hop robots.txt disallows (--robots)
+    Row(RobotsRefused(JobError("robots", "robots.txt of x disallows this URL")), "robots", False),
     # asyncio and the deadline
     Row(TimeoutError(), "timeout", True),
     # ssl, raised bare (outside aiohttp's handshake wrapping)
