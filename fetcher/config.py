@@ -232,9 +232,10 @@ class Settings(BaseModel):
             url = URL(v)
         except ValueError:
             url = None
-        if url is None or url.scheme not in ("http", "https") or not url.host:
+        schemes = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
+        if url is None or url.scheme.lower() not in schemes or not url.host:
             # The value may hold credentials: the message does not repeat it.
-            raise ValueError("must be an http:// or https:// URL with a host")
+            raise ValueError("must be an http(s)://, socks5://, socks5h:// or socks4:// URL")
         return v
 
     @field_validator("smtp")

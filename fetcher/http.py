@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp_socks
 import orjson
+import python_socks
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.compression_utils import (
@@ -43,6 +45,8 @@ from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
 from .results import Outcome
 from .robots import RobotsGate, RobotsRefused
 from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
+from .socks import PolicedSocksConnector, SocksSessions, is_socks
+from .socks import connector_options as socks_options
 from .tls import ssl_context
 from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops
@@ -155,8 +159,12 @@ class HttpHandler:
         self._store = None if save.dir is None else BodyStore(save.dir, NameTemplate(save.name))
         self._warc: WarcWriter | None = None  # opened in __aenter__
         self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
+        self._socks_config = settings.proxy is not None and is_socks(settings.proxy)
         self._trace = settings.trace
         self._robots: RobotsGate | None = None  # --robots, made with the session
+        self._socks: SocksSessions | None = None
+        self._middlewares: tuple[ClientMiddlewareType, ...] = ()
+        self._job_middlewares: tuple[ClientMiddlewareType, ...] = ()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -172,27 +180,10 @@ class HttpHandler:
             self._warc = WarcWriter(
                 s.warc.file, s.warc.max_size, append=s.resume, software=s.user_agent
             )
-        # Sockets in use stay under -n (aiohttp's limit), idle ones under the idle pool: open
-        # sockets follow the concurrency, not the number of hosts (connector.py).
-        fewest_idle, most_idle = idle_bounds(s)
-        connector = BoundedConnector(
-            min_idle=fewest_idle,
-            max_idle=most_idle,
-            limit=s.concurrency,
-            limit_per_host=s.per_host,
-            ttl_dns_cache=DNS_CACHE_SECONDS,
-            # With the default TLS settings aiohttp's own verified context serves (TLS >= 1.2,
-            # as ssl_context() makes): building another costs a read of the CA store at start-up.
-            ssl=ssl_context(s) if s.tls != TlsSettings() else True,
-            resolver=self._resolver,
-            socket_factory=self.policy.socket_factory,
-        )
-        if self._trace:
-            time_tcp_connected(connector)
         # Through a proxy the socket factory sees only the proxy's address (netpolicy.py).
-        middlewares: tuple[ClientMiddlewareType, ...] = (
-            (self.policy.proxied_destination_check(s.resolve),) if s.proxy or s.trust_env else ()
-        )
+        proxied = s.proxy or s.trust_env
+        self._middlewares = (self.policy.proxied_destination_check(s.resolve),)
+        middlewares = self._middlewares if proxied else ()
         robots_check: tuple[ClientMiddlewareType, ...] = ()
         if s.robots:
             user_agent = next(
@@ -206,7 +197,45 @@ class HttpHandler:
                 middlewares=middlewares,
             )
             robots_check = (self._robots.redirect_check,)
-        self._session = aiohttp.ClientSession(
+        self._session = self._new_session(s.proxy, middlewares + robots_check)
+        # Per-job SOCKS proxies: a session each (socks.py); per-job HTTP proxies share ours.
+        self._socks = SocksSessions(
+            lambda proxy: self._new_session(proxy or None, self._middlewares + robots_check)
+        )
+        self._job_middlewares = self._middlewares + robots_check
+        return self
+
+    def _new_session(
+        self, proxy: str | None, middlewares: tuple[ClientMiddlewareType, ...]
+    ) -> aiohttp.ClientSession:
+        """A session with the run's settings, direct or through ``proxy``."""
+        s = self._settings
+        # Sockets in use stay under -n (aiohttp's limit), idle ones under the idle pool: open
+        # sockets follow the concurrency, not the number of hosts (connector.py).
+        fewest_idle, most_idle = idle_bounds(s)
+        options: dict[str, Any] = {
+            "min_idle": fewest_idle,
+            "max_idle": most_idle,
+            "limit": s.concurrency,
+            "limit_per_host": s.per_host,
+            "ttl_dns_cache": DNS_CACHE_SECONDS,
+            # With the default TLS settings aiohttp's own verified context serves (TLS >= 1.2,
+            # as ssl_context() makes): building another costs a read of the CA store at start-up.
+            "ssl": ssl_context(s) if s.tls != TlsSettings() else True,
+        }
+        socks = proxy is not None and is_socks(proxy)
+        connector: BoundedConnector
+        if proxy is not None and socks:
+            connector = PolicedSocksConnector(
+                policy=self.policy, resolve=self._addresses, **options, **socks_options(proxy)
+            )
+        else:
+            connector = BoundedConnector(
+                resolver=self._resolver, socket_factory=self.policy.socket_factory, **options
+            )
+        if self._trace:
+            time_tcp_connected(connector)
+        return aiohttp.ClientSession(
             connector=connector,
             # Jobs are independent: no cookie carries over from one to another.
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -221,11 +250,13 @@ class HttpHandler:
             response_class=TracedResponse if self._trace else PeerResponse,
             # Only under --trace: trace callbacks run for every request of the session.
             trace_configs=[trace_config()] if self._trace else None,
-            trust_env=s.trust_env,
-            proxy=s.proxy,
-            middlewares=middlewares + robots_check,
+            trust_env=s.trust_env and not socks,
+            proxy=None if socks else proxy,
+            middlewares=middlewares,
         )
-        return self
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        return [r["host"] for r in await self._resolver.resolve(host, port)]
 
     async def __aexit__(self, *exc: object) -> None:
         self._deadlines.close()
@@ -233,6 +264,8 @@ class HttpHandler:
             await self._robots.close()
         if self._session is not None:
             await self._session.close()
+        if self._socks is not None:
+            await self._socks.close()
         await self._resolver.close()
         if self._warc is not None:
             await asyncio.to_thread(self._warc.close)
@@ -274,8 +307,20 @@ class HttpHandler:
             traced = CURRENT.set(wire)
             options = {**options, "trace_request_ctx": wire}
         history: tuple[aiohttp.ClientResponse, ...] = ()
+        session = self.session
+        pinned = None  # the per-job session in use, let go at the end
+        if job.proxy is not None:
+            if is_socks(job.proxy):
+                pinned = job.proxy
+            else:
+                # aiohttp takes an HTTP proxy per request; through the main session unless
+                # that one speaks SOCKS to the config's proxy.
+                options = {**options, "proxy": job.proxy, "middlewares": self._job_middlewares}
+                pinned = "" if self._socks_config else None
+            if pinned is not None and self._socks is not None:
+                session = self._socks.acquire(pinned)
         try:
-            async with self.session.request(job.method, url, **options) as resp:
+            async with session.request(job.method, url, **options) as resp:
                 outcome = await self._read(job, resp)
                 history = resp.history
                 return outcome
@@ -290,6 +335,8 @@ class HttpHandler:
             return outcome
         finally:
             self._deadlines.stop(task)
+            if pinned is not None and self._socks is not None:
+                self._socks.release(pinned)
             if wire is not None:
                 CURRENT.reset(traced)
                 if outcome is not None:
@@ -448,8 +495,10 @@ class HttpHandler:
             return Outcome(fields)
         # A plain-http request goes to the proxy as a whole, so a refusal can be the proxy's
         # own answer; over https the proxy only tunnels, and what comes back is the origin's.
-        proxy = self._proxy_of(resp.url) if resp.url.scheme == "http" else None
-        error = proxy_refusal(resp, proxy) if proxy is not None else None
+        proxy = self._proxy_of(resp.url, job) if resp.url.scheme == "http" else None
+        # A SOCKS proxy only relays bytes: every HTTP answer is the origin's.
+        socks = is_socks(job.proxy) if job.proxy else self._socks_config
+        error = proxy_refusal(resp, proxy) if proxy is not None and not socks else None
         retryable = PROXY_RETRY_STATUSES if error is not None else RETRY_STATUSES
         retry = status in retryable and self._may_retry(job, reached=True)
         return Outcome(
@@ -462,8 +511,10 @@ class HttpHandler:
     def _may_retry(self, job: HttpJob, *, reached: bool) -> bool:
         return not reached or job.retry_unsafe or job.method not in UNSAFE_METHODS
 
-    def _proxy_of(self, url: URL) -> str | None:
+    def _proxy_of(self, url: URL, job: HttpJob) -> str | None:
         """``host:port`` of the forward proxy a request for ``url`` goes through, if any."""
+        if job.proxy is not None:
+            return _host_port(URL(job.proxy))
         if self._proxy is not None or not self._settings.trust_env:
             return self._proxy
         try:
@@ -479,7 +530,9 @@ class HttpHandler:
         if self._store is not None:
             fields.setdefault("path", None)
         proxy = (
-            self._proxy_of(job.target) if isinstance(exc, aiohttp.ClientHttpProxyError) else None
+            self._proxy_of(job.target, job)
+            if isinstance(exc, (aiohttp.ClientHttpProxyError, *SOCKS_ERRORS))
+            else None
         )
         error, retryable, reached = classify(exc, timeout, proxy=proxy)
         if isinstance(exc, aiohttp.TooManyRedirects):
@@ -722,6 +775,8 @@ def classify(
     """
     if isinstance(exc, RobotsRefused):  # a redirect to a URL robots.txt disallows
         return exc.error, False, True
+    if isinstance(exc, SOCKS_ERRORS):
+        return _socks_failure(exc, proxy)
     if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
         return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
     if isinstance(exc, OSError) and is_blocked_error(exc):  # from the proxied-destination check
@@ -797,6 +852,39 @@ def classify(
     if isinstance(exc, aiohttp.ClientError):
         return JobError("protocol", f"HTTP client error: {type(exc).__name__}"), True, True
     raise exc
+
+
+#  aiohttp-socks raises its own classes; python_socks' are what it converts (should one ever
+#  come through as it is).
+SOCKS_ERRORS = (
+    aiohttp_socks.ProxyError,
+    aiohttp_socks.ProxyConnectionError,
+    aiohttp_socks.ProxyTimeoutError,
+    python_socks.ProxyError,
+    python_socks.ProxyConnectionError,
+    python_socks.ProxyTimeoutError,
+)
+#  SOCKS5 replies that say the proxy could not reach the origin (general failure, network or
+#  host unreachable, connection refused, TTL expired): like an HTTP proxy's 502/503/504, worth
+#  another try. A ruleset refusal (2), an unsupported command or address type, a failed login
+#  and a server that does not speak SOCKS are not.
+SOCKS_RETRY_REPLIES = frozenset({1, 3, 4, 5, 6})
+
+
+def _socks_failure(exc: BaseException, proxy: str | None) -> tuple[JobError, bool, bool]:
+    who = f"SOCKS proxy {proxy}" if proxy else "the SOCKS proxy"
+    if isinstance(exc, aiohttp_socks.ProxyTimeoutError | python_socks.ProxyTimeoutError):
+        return JobError("timeout", f"{who} did not answer in time"), True, False
+    if isinstance(exc, aiohttp_socks.ProxyConnectionError | python_socks.ProxyConnectionError):
+        return JobError("connect", f"cannot connect to {who}"), True, False
+    code = getattr(exc, "error_code", None)
+    # python_socks' messages name the failure ("Host unreachable", "Username and password
+    # authentication failure"), never the credentials.
+    return (
+        JobError("proxy", f"{who} failed the handshake: {_clean(str(exc))}"),
+        code in SOCKS_RETRY_REPLIES,
+        False,
+    )
 
 
 def _os_message(exc: BaseException | None) -> str:

@@ -65,6 +65,18 @@ def _hex_digest(v: str) -> str:
 
 
 _SHA256 = re.compile(r"\A[0-9A-Fa-f]{64}\Z")
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
+
+
+def _proxy_url(v: str) -> str:
+    try:
+        url = URL(v)
+    except ValueError:
+        url = None
+    if url is None or url.scheme.lower() not in PROXY_SCHEMES or not url.host:
+        # The value may hold credentials: the message does not repeat it.
+        raise ValueError(f"must be a proxy URL with a host ({', '.join(PROXY_SCHEMES)})")
+    return v
 
 
 def _header_map(v: dict[str, str]) -> dict[str, str]:
@@ -131,6 +143,8 @@ class HttpJob(_Job):
     retry_unsafe: bool = False
     #  The body's expected digest: a mismatch is error checksum (and no file kept).
     sha256: Annotated[str, AfterValidator(_hex_digest)] | None = None
+    #  This job's proxy, over the config's: http(s)://, socks5://, socks5h://, socks4://.
+    proxy: Annotated[str, AfterValidator(_proxy_url)] | None = Field(default=None, repr=False)
 
     _url: URL = PrivateAttr()
 

@@ -214,7 +214,7 @@ def test_settings_are_frozen() -> None:
     ("overrides", "key"),
     [
         ({"proxy": "not a url"}, "proxy"),
-        ({"proxy": "socks5://127.0.0.1:1080"}, "proxy"),
+        ({"proxy": "ftp://127.0.0.1:21"}, "proxy"),
         ({"resolve": {"api.test": "not-an-ip"}}, "resolve"),
         ({"headers": {"X-Team": "a\r\nInjected: 1"}}, "headers"),
         ({"user_agent": "fetcher\n"}, "user_agent"),

@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 import aiohttp.client_exceptions as client_exceptions
+import aiohttp_socks
 import aiosmtplib
 import aiosmtplib.errors as smtp_errors
 import pytest
+import python_socks
 from aiohttp.client_reqrep import ConnectionKey, RequestInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -142,6 +144,16 @@ HTTP_ROWS = [
     Row(aiohttp.InvalidUrlRedirectClientError("http://[::1"), "too_many_redirects", False),
     Row(aiohttp.NonHttpUrlRedirectClientError("ftp://x/"), "too_many_redirects", False),
     Row(aiohttp.WSMessageTypeError("not text"), RAISED, False),
+    # aiohttp-socks (SOCKS proxies), and the python_socks classes it converts
+    Row(aiohttp_socks.ProxyConnectionError("cannot connect"), "connect", True),
+    Row(aiohttp_socks.ProxyTimeoutError("slow"), "timeout", True),
+    Row(aiohttp_socks.ProxyError("Host unreachable", error_code=4), "proxy", True),
+    Row(aiohttp_socks.ProxyError("Connection refused", error_code=5), "proxy", True),
+    Row(aiohttp_socks.ProxyError("Connection not allowed by ruleset", 2), "proxy", False),
+    Row(aiohttp_socks.ProxyError("Username and password authentication failure"), "proxy", False),
+    Row(python_socks.ProxyConnectionError(errno.ECONNREFUSED, "refused"), "connect", True),
+    Row(python_socks.ProxyTimeoutError("slow"), "timeout", True),
+    Row(python_socks.ProxyError("General SOCKS server failure", 1), "proxy", True),
     # fetcher's own: a redirect hop robots.txt disallows (--robots)
     Row(RobotsRefused(JobError("robots", "robots.txt of x disallows this URL")), "robots", False),
     # asyncio and the deadline
@@ -189,6 +201,8 @@ def http_classes() -> set[type[BaseException]]:
         | family(ssl.SSLError, "aiohttp")
         | family(OSError, "aiohttp")
         | {BlockedAddress}  # from the network policy's socket factory
+        | classes_in(aiohttp_socks)
+        | classes_in(python_socks)
     )
 
 
