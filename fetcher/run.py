@@ -286,7 +286,6 @@ class Run:
         self.options = options
         self.observer = observer
         self.stats = Stats()
-        self._signal: signal.Signals | None = None
         self._output_error: OutputError | None = None
         self._pool: Pool | None = None
         self._writer: JsonlWriter | None = None
@@ -368,25 +367,12 @@ class Run:
             self._output_error = self._output_error or exc
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        pool = self._pool
-        if pool is None:
-            shutdown.pending[:] = [sig]
-            return
-        if self._signal is not None:
-            log.warning("second signal: stopping now")
-            pool.abort()
-            return
-        self._signal = sig
-        log.warning(
-            "%s: no new jobs; waiting up to %g s for %d in flight (signal again to stop now)",
-            sig.name,
-            self._grace.seconds,
-            pool.counters.in_flight,
-        )
-        self._grace.begin(pool)
+        if self._grace.take(sig, self._pool):
+            assert self._pool is not None
+            self._grace.begin(self._pool)
 
     def _exit_code(self) -> int:
-        early = early_exit_code(self._output_error, self._signal)
+        early = early_exit_code(self._output_error, self._grace.signal)
         if early is not None:
             return early
         return EXIT_OK if self.stats.failed == 0 else EXIT_FAILED_JOBS

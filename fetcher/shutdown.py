@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
+
+log = logging.getLogger("fetcher")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -52,12 +55,33 @@ def replay(on_signal: Callable[[signal.Signals], None]) -> None:
 
 
 class Grace:
-    """Stop → grace → abort for a pool: ``begin`` stops it taking jobs and aborts what is still
-    in flight ``seconds`` later; a second signal aborts at once (``now``)."""
+    """Stop → grace → abort for a pool. ``take`` meets each stop signal: the first is the
+    caller's to act on (``begin`` stops the pool taking jobs and aborts what is still in flight
+    ``seconds`` later), a second aborts at once, and one that comes before there is a pool is
+    kept in ``pending`` for ``replay``."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.signal: signal.Signals | None = None  # the first stop signal taken
         self._timer: asyncio.TimerHandle | None = None
+
+    def take(self, sig: signal.Signals, pool: Stoppable | None, *, second_note: str = "") -> bool:
+        """Whether ``sig`` is the first stop signal, to be acted on by the caller (logged here)."""
+        if pool is None:
+            pending[:] = [sig]
+            return False
+        if self.signal is not None:
+            log.warning("second signal: stopping now%s", second_note)
+            pool.abort()
+            return False
+        self.signal = sig
+        log.warning(
+            "%s: no new jobs; waiting up to %g s for %d in flight (signal again to stop now)",
+            sig.name,
+            self.seconds,
+            pool.counters.in_flight,
+        )
+        return True
 
     def begin(self, pool: Stoppable) -> None:
         pool.stop()
@@ -70,5 +94,7 @@ class Grace:
 
 
 class Stoppable(Protocol):
+    @property
+    def counters(self) -> Any: ...
     def stop(self) -> None: ...
     def abort(self) -> None: ...

@@ -130,7 +130,6 @@ class Worker:
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
         self._stop_at = 0.0
-        self._signal: signal.Signals | None = None
         self._grace = shutdown.Grace(settings.shutdown_grace)
         self.health = RedisHealth(self._redis_changed)
         self._exit = EXIT_OK
@@ -474,22 +473,8 @@ class Worker:
             self.metrics.redis_errors.inc()
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        pool = self._pool
-        if pool is None:
-            shutdown.pending[:] = [sig]
-            return
-        if self._signal is not None:
-            log.warning("second signal: stopping now; unfinished jobs stay pending")
-            pool.abort()
-            return
-        self._signal = sig
-        log.warning(
-            "%s: no new jobs; waiting up to %g s for %d in flight (signal again to stop now)",
-            sig.name,
-            self._grace.seconds,
-            pool.counters.in_flight,
-        )
-        self._stop()
+        if self._grace.take(sig, self._pool, second_note="; unfinished jobs stay pending"):
+            self._stop()
 
     def _stop(self) -> None:
         if self._stopping:
