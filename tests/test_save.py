@@ -7,7 +7,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 from fetcher.save import PARTIAL_DIR, NameTemplate, SaveFailed, safe_name
 
 from .app import GZIP_TEXT, blob_bytes
+from .helpers import FETCHER
 from .test_e2e import by_id, clean_env, fetcher, json_lines, write_jsonl
 
 
@@ -214,9 +214,7 @@ def test_a_full_disk_is_error_save_and_the_run_goes_on(tmp_path: Path, base_url:
 
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fetcher",
+            *FETCHER,
             "run",
             str(job_file),
             "-o",
@@ -249,7 +247,7 @@ def test_after_sigkill_no_partial_file_has_a_final_name_and_resume_refetches(
     ]
     job_file = write_jsonl(tmp_path / "j.jsonl", jobs)
     out = tmp_path / "out.jsonl"
-    args = [sys.executable, "-m", "fetcher", "run", str(job_file), "-o", str(out)]
+    args = [*FETCHER, "run", str(job_file), "-o", str(out)]
     proc = subprocess.Popen(
         [*args, "--save", str(save)], env=clean_env(), stderr=subprocess.DEVNULL
     )

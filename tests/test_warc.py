@@ -19,6 +19,7 @@ from fetcher.schema import result_schema
 from fetcher.warc import repair
 
 from .app import GZIP_TEXT, blob_bytes
+from .helpers import FETCHER
 from .test_e2e import by_id, clean_env, fetcher, json_lines, write_jsonl
 
 
@@ -200,9 +201,7 @@ def test_sigkill_then_resume_leaves_a_file_warcio_accepts(tmp_path: Path, base_u
     job_file = write_jsonl(tmp_path / "j.jsonl", jobs)
     out = tmp_path / "out.jsonl"
     args = [
-        sys.executable,
-        "-m",
-        "fetcher",
+        *FETCHER,
         "run",
         str(job_file),
         "-o",

@@ -4,6 +4,7 @@ the peer answers it, and async tests on another loop can use it alike."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 from collections.abc import Coroutine
@@ -95,3 +96,66 @@ class AppThread(LoopThread):
     async def _stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+class StreamThread(LoopThread):
+    """A raw asyncio stream server on 127.0.0.1, port 0, from its own thread (the proxies):
+    subclasses answer one connection in ``_handle``; the connections still open are cancelled
+    when it stops."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # the client went away or sent garbage: nothing to answer
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def pipe_both(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+) -> None:
+    """Relay bytes both ways between a client and the upstream it asked for, to the end."""
+    try:
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+    finally:
+        up_writer.close()
+
+
+async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Bytes from ``src`` to ``dst`` until ``src`` ends, then end ``dst`` too."""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await src.read(65536):
+            dst.write(chunk)
+            await dst.drain()
+    with contextlib.suppress(OSError):
+        if dst.can_write_eof():
+            dst.write_eof()

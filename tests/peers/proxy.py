@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import ipaddress
 from dataclasses import dataclass
 
-from .base import LoopThread
+from .base import StreamThread, copy, pipe_both
 
 MODES = ("allow", "connect_407", "connect_503", "plain_407", "plain_503")
 
@@ -33,7 +32,7 @@ class Request:
     authorized: bool
 
 
-class ForwardProxy(LoopThread):
+class ForwardProxy(StreamThread):
     def __init__(
         self, mode: str = "allow", *, username: str | None = None, password: str | None = None
     ) -> None:
@@ -47,8 +46,6 @@ class ForwardProxy(LoopThread):
             if username is not None
             else None
         )
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def url(self, username: str | None = None, password: str | None = None) -> str:
         """The proxy URL for a config, with credentials when given."""
@@ -58,32 +55,10 @@ class ForwardProxy(LoopThread):
     def count(self, method: str) -> int:
         return sum(1 for r in self.seen if r.method == method)
 
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            # One request a connection: each answer says `Connection: close`.
-            head = await reader.readuntil(b"\r\n\r\n")
-            await self._answer(head, reader, writer)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # One request a connection: each answer says `Connection: close`.
+        head = await reader.readuntil(b"\r\n\r\n")
+        await self._answer(head, reader, writer)
 
     async def _answer(
         self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -123,7 +98,7 @@ class ForwardProxy(LoopThread):
         up_reader, up_writer = upstream
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
-        await _pipe_both(reader, writer, up_reader, up_writer)
+        await pipe_both(reader, writer, up_reader, up_writer)
 
     async def _forward(
         self,
@@ -154,7 +129,7 @@ class ForwardProxy(LoopThread):
         up_writer.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body)
         await up_writer.drain()
         # The origin closes after its answer (Connection: close); relay it as it comes.
-        await _copy(up_reader, writer)
+        await copy(up_reader, writer)
         up_writer.close()
 
 
@@ -189,25 +164,3 @@ async def _refuse(
     ]
     writer.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
     await writer.drain()
-
-
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while chunk := await src.read(65536):
-            dst.write(chunk)
-            await dst.drain()
-    with contextlib.suppress(OSError):
-        if dst.can_write_eof():
-            dst.write_eof()
-
-
-async def _pipe_both(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    up_reader: asyncio.StreamReader,
-    up_writer: asyncio.StreamWriter,
-) -> None:
-    try:
-        await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
-    finally:
-        up_writer.close()

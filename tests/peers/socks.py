@@ -10,14 +10,12 @@ CONNECT: the address type asked for (1 IPv4, 3 a name, 4 IPv6), the host, the po
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
 
-from .base import LoopThread
-from .proxy import _pipe_both
+from .base import StreamThread, pipe_both
 
 
 @dataclass(frozen=True)
@@ -27,14 +25,12 @@ class Connect:
     port: int
 
 
-class Socks5Proxy(LoopThread):
+class Socks5Proxy(StreamThread):
     def __init__(self, *, username: str | None = None, password: str | None = None) -> None:
         super().__init__("socks5-proxy")
         self._credentials = None if username is None else (username, password or "")
         self.seen: list[Connect] = []
         self.logins: list[bool] = []  # each RFC 1929 login, right or wrong
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def url(
         self, scheme: str = "socks5", username: str | None = None, password: str | None = None
@@ -42,31 +38,9 @@ class Socks5Proxy(LoopThread):
         userinfo = f"{username}:{password or ''}@" if username is not None else ""
         return f"{scheme}://{userinfo}127.0.0.1:{self.port}"
 
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            if await self._negotiate(reader, writer):
-                await self._connect(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await self._negotiate(reader, writer):
+            await self._connect(reader, writer)
 
     async def _negotiate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         version, count = await reader.readexactly(2)
@@ -119,7 +93,7 @@ class Socks5Proxy(LoopThread):
             await _reply(writer, 5)  # connection refused
             return
         await _reply(writer, 0)
-        await _pipe_both(reader, writer, up_reader, up_writer)
+        await pipe_both(reader, writer, up_reader, up_writer)
 
 
 def _loopback(host: str) -> bool:
