@@ -19,6 +19,7 @@ import csv
 import gzip
 import os
 import re
+import stat
 import threading
 import zlib
 from array import array
@@ -368,7 +369,7 @@ class JobCount:
         self._format = fmt
         self._select = select
         self._ended = threading.Event()
-        if known is None and path != "-":
+        if known is None and _regular_file(path):
             threading.Thread(target=self._count, name="fetcher-count", daemon=True).start()
         else:
             self._ended.set()
@@ -438,6 +439,15 @@ class JobCount:
         rows = CsvRows(read, path=self._path, tsv=self._format == "tsv", url_column=None)
         select = self._select
         return sum(1 for number, _ in rows if select is None or select(number))
+
+
+def _regular_file(path: str) -> bool:
+    """Whether ``path`` can be read a second time: a named pipe or ``<(command)`` cannot, and
+    counting it would take the lines from the run."""
+    try:
+        return path != "-" and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _chunks(read: Callable[[int], bytes]) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -273,6 +274,32 @@ def test_job_count_of_each_format(tmp_path: Path) -> None:
     assert settled(JobCount(str(jsonl), "jsonl", select=lambda n: n % 2 == 1)) == (10, True)
     assert settled(JobCount(str(jsonl), "jsonl", select=lambda n: n % 2 == 0)) == (0, True)
     assert JobCount("-", "jsonl").get() == (None, False)
+
+
+def test_a_job_file_that_is_a_named_pipe_is_read_once(tmp_path: Path, base_url: str) -> None:
+    # The count behind the progress total reads a file a second time: a pipe it must leave
+    # alone, or the lines it takes never run.
+    fifo = tmp_path / "jobs.jsonl"
+    os.mkfifo(fifo)
+    lines = b"".join(
+        orjson.dumps({"id": str(i), "url": f"{base_url}/ok"}) + b"\n" for i in range(200)
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "run", str(fifo), "-o", "-", "--progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    ) as proc:
+        with open(fifo, "wb", buffering=0) as writer:
+            # A producer that writes as it goes (a pause is the point here): by the later
+            # writes, anything else reading the pipe would be waiting for them too.
+            for part in range(0, len(lines), len(lines) // 4):
+                writer.write(lines[part : part + len(lines) // 4])
+                time.sleep(0.2)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert sorted(int(r["id"]) for r in json_lines(out)) == list(range(200))
+    assert JobCount(str(fifo), "jsonl").get() == (None, False)
 
 
 def test_job_count_of_a_big_gzip_is_an_estimate(tmp_path: Path, monkeypatch: Any) -> None:
