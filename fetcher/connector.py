@@ -24,6 +24,14 @@ bytes each); a new connection to a remembered key means eviction cost a reuse, a
 grows by an eighth; a remembered key forgotten without coming back means the room was not
 needed, and the limit shrinks by one.
 
+A job file can say more than its past: with a ``forecast`` (forecast.py) the pool also knows,
+as a connection goes idle, whether its host has requests still to come. One whose host has none
+is closed at once (over a list of distinct hosts nothing idles at all); one whose host has more
+makes room for itself, growing ``idle_limit`` by one up to ``max_idle``, instead of pushing out
+another (so hosts that come back keep their connections from the first pass on). Connections the
+forecast cannot speak for (hosts the file does not name as written, or before the count has
+got that far) are kept and evicted as without it.
+
 Connections aiohttp drops on its own (closed by the peer, expired by keep-alive) may still have
 an entry here; such an entry is skipped when its turn to be evicted comes, and the dict never
 holds more than ``idle_limit`` entries, so a stale one at worst closes a live connection early.
@@ -36,20 +44,30 @@ from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.client_reqrep import ClientRequest, ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
+
+from .forecast import HostForecast
 
 
 class BoundedConnector(aiohttp.TCPConnector):
     """A TCPConnector that keeps at most ``idle_limit`` idle connections, over all hosts;
     ``idle_limit`` adapts between ``min_idle`` and ``max_idle``."""
 
-    def __init__(self, *, min_idle: int, max_idle: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        min_idle: int,
+        max_idle: int,
+        forecast: HostForecast | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.min_idle = min(min_idle, max_idle)
         self.max_idle = max_idle
         self.idle_limit = self.min_idle
+        self.forecast = forecast
         self._idle: OrderedDict[ResponseHandler, ConnectionKey] = OrderedDict()
         self._evicted: OrderedDict[ConnectionKey, None] = OrderedDict()
 
@@ -57,6 +75,13 @@ class BoundedConnector(aiohttp.TCPConnector):
     def idle_count(self) -> int:
         """Idle connections waiting for reuse (entries not yet found stale included)."""
         return len(self._idle)
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        if self.forecast is not None:
+            self.forecast.arrive(req.connection_key.host)
+        return await super().connect(req, traces, timeout)
 
     def _release(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
@@ -66,6 +91,13 @@ class BoundedConnector(aiohttp.TCPConnector):
         if not conns or conns[-1][0] is not protocol:
             return  # closed rather than kept (or the connector is closed)
         idle = self._idle
+        if self.forecast is not None:
+            ahead = self.forecast.ahead(key.host)
+            if ahead is False:
+                self._take_out(protocol, key)  # no request left for its host
+                return
+            if ahead and len(idle) >= self.idle_limit:
+                self.idle_limit = min(self.max_idle, self.idle_limit + 1)
         idle[protocol] = key
         while len(idle) > self.idle_limit:
             self._evict(*idle.popitem(last=False))
@@ -80,18 +112,8 @@ class BoundedConnector(aiohttp.TCPConnector):
         return conn
 
     def _evict(self, protocol: ResponseHandler, key: ConnectionKey) -> None:
-        conns = self._conns.get(key)
-        if conns is None:
+        if not self._take_out(protocol, key):
             return  # already gone: reused, expired or closed by the peer
-        for entry in conns:
-            if entry[0] is protocol:
-                conns.remove(entry)
-                break
-        else:
-            return
-        if not conns:
-            del self._conns[key]
-        protocol.close()
         evicted = self._evicted
         evicted[key] = None
         evicted.move_to_end(key)
@@ -99,6 +121,22 @@ class BoundedConnector(aiohttp.TCPConnector):
             evicted.popitem(last=False)
             # Forgotten without coming back: that room was not needed.
             self.idle_limit = max(self.min_idle, self.idle_limit - 1)
+
+    def _take_out(self, protocol: ResponseHandler, key: ConnectionKey) -> bool:
+        """Close an idle connection and take it out of aiohttp's pool: False if not there."""
+        conns = self._conns.get(key)
+        if conns is None:
+            return False
+        for entry in conns:
+            if entry[0] is protocol:
+                conns.remove(entry)
+                break
+        else:
+            return False
+        if not conns:
+            del self._conns[key]
+        protocol.close()
+        return True
 
     def _close(self, *, abort_ssl: bool = False) -> list[Any]:
         self._idle.clear()

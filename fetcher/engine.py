@@ -22,6 +22,7 @@ from collections.abc import (
 from typing import Any, Protocol
 
 from .config import Settings
+from .forecast import HostForecast
 from .http import HttpHandler
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 from .pool import Pool, RetryPolicy
@@ -44,11 +45,14 @@ class RunObserver(Protocol):
 
 
 async def build_handlers(
-    settings: Settings, stack: contextlib.AsyncExitStack
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    *,
+    forecast: HostForecast | None = None,
 ) -> dict[str, Handler]:
     """One handler per job kind, each closed when ``stack`` closes."""
     return {
-        "http": await stack.enter_async_context(HttpHandler(settings)),
+        "http": await stack.enter_async_context(HttpHandler(settings, forecast=forecast)),
         "mail": _MailOnFirstUse(settings, stack),
     }
 
@@ -103,10 +107,16 @@ class Runner:
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, observer: RunObserver | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        observer: RunObserver | None = None,
+        forecast: HostForecast | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self._observer = observer
+        #  The job file's requests per host still to come, for the idle pool (forecast.py).
+        self._forecast = forecast
         self._stack: contextlib.AsyncExitStack | None = None
         self._handlers: dict[str, Handler] | None = None
         self._pools: set[Pool] = set()
@@ -119,7 +129,7 @@ class Runner:
     async def __aenter__(self) -> Runner:
         stack = contextlib.AsyncExitStack()
         try:
-            handlers = await build_handlers(self.settings, stack)
+            handlers = await build_handlers(self.settings, stack, forecast=self._forecast)
         except BaseException:
             await stack.aclose()
             raise

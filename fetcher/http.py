@@ -39,6 +39,7 @@ from .connector import BoundedConnector
 from .deadline import Deadlines
 from .errors import JobError
 from .fdlimit import idle_bounds
+from .forecast import HostForecast
 from .jobs import UNSAFE_METHODS, HttpJob, mask_url
 from .netpolicy import NetworkPolicy, is_blocked_error
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
@@ -127,8 +128,9 @@ def retry_after_seconds(value: str | None) -> float | None:
 class HttpHandler:
     """Runs HttpJob attempts through one shared session. Use as an async context manager."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, forecast: HostForecast | None = None) -> None:
         self._settings = settings
+        self._forecast = forecast
         self._timeout = settings.timeout
         self._max_bytes = settings.max_bytes
         # aiohttp raises on reaching its limit (and takes 0 as "no limit"): one more lets
@@ -216,6 +218,7 @@ class HttpHandler:
         options: dict[str, Any] = {
             "min_idle": fewest_idle,
             "max_idle": most_idle,
+            "forecast": self._forecast,
             "limit": s.concurrency,
             "limit_per_host": s.per_host,
             "ttl_dns_cache": DNS_CACHE_SECONDS,

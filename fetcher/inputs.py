@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import expand_env
 from .errors import ConfigError, JobFileError
+from .forecast import URL_AUTHORITY, HostForecast
 from .jobs import HttpJob, InvalidJob, MailJob
 from .resume import id_hash
 from .timeutil import utc_now_iso
@@ -353,6 +354,7 @@ class JobCount:
     ``value`` is None until known, and ``exact`` false when it is an estimate: a ``.gz`` file is
     not decompressed twice, its total is the jobs in its first few MB scaled by the file's size.
     A source that has read its file to the end knows the exact figure and says so (``settle``).
+    With ``forecast``, the same pass counts each host's requests into it (forecast.py).
     """
 
     def __init__(
@@ -362,12 +364,14 @@ class JobCount:
         *,
         select: Callable[[int], bool] | None = None,
         known: int | None = None,
+        forecast: HostForecast | None = None,
     ) -> None:
         self.value: int | None = known
         self.exact = known is not None
         self._path = path
         self._format = fmt
         self._select = select
+        self._forecast = forecast if fmt in URL_AUTHORITY else None
         self._ended = threading.Event()
         if known is None and _regular_file(path):
             threading.Thread(target=self._count, name="fetcher-count", daemon=True).start()
@@ -397,6 +401,8 @@ class JobCount:
             else:
                 with open(self._path, "rb") as f:
                     value, exact = self._count_chunks(_chunks(f.read)), True
+                if self._forecast is not None:
+                    self._forecast.complete = True
         except (OSError, EOFError, ValueError, csv.Error, JobFileError):
             return  # the source reports the file's problems; the bar just has no total
         if not self.exact:
@@ -419,16 +425,25 @@ class JobCount:
             return self._count_rows(chunks)
         pattern = _JOB_LINE[self._format]
         select = self._select
+        forecast = self._forecast
+        authorities = URL_AUTHORITY[self._format]
+        count = 0
         if select is None:
             # One regex pass per 256 KiB, in C: the loop this thread shares the interpreter with
             # hardly notices it.
-            return sum(len(pattern.findall(chunk)) for chunk in _whole_lines(chunks))
-        count = lineno = 0
+            for chunk in _whole_lines(chunks):
+                count += len(pattern.findall(chunk))
+                if forecast is not None:
+                    forecast.add(authorities.findall(chunk))
+            return count
+        lineno = 0
         for chunk in _whole_lines(chunks):
             for line in chunk.split(b"\n")[:-1] if chunk.endswith(b"\n") else chunk.split(b"\n"):
                 lineno += 1
                 if select(lineno) and pattern.match(line):
                     count += 1
+                    if forecast is not None:
+                        forecast.add(authorities.findall(line))
         return count
 
     def _count_rows(self, chunks: Iterator[bytes]) -> int:

@@ -311,6 +311,8 @@ class Run:
             source.close()
             raise
         self._writer, done = opened.writer, opened.done
+        # Asked for first: the pass that counts the jobs for the progress counts their hosts.
+        forecast = source.forecast()
         revalidate = self._revalidate = opened.revalidate
         self._progress = make_progress(
             self.stats, self.settings, opts.progress, source=source, initial=len(done or ())
@@ -320,7 +322,9 @@ class Run:
         self._writer.on_flush = lambda: self.stats.absorb(unflushed)
         try:
             with shutdown.stop_signals(self._on_signal):
-                async with Runner(self.settings, observer=self.observer) as runner:
+                async with Runner(
+                    self.settings, observer=self.observer, forecast=forecast
+                ) as runner:
                     self._pool = runner.pool(emit=self._emit)
                     shutdown.replay(self._on_signal)
                     if opened.nothing_left:  # every job is done: the file is not read again

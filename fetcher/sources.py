@@ -29,6 +29,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, M
 from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TextIO, TypeVar
 
 from .errors import JobFileError
+from .forecast import URL_AUTHORITY, HostForecast
 from .inputs import CsvRows, FirstLines, JobCount, check_job_defaults, input_format, url_object
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob, merge_defaults
 
@@ -97,6 +98,7 @@ class JobSource:
         #  ${NAME} in the defaults is expanded job by job (unexpanded in what enqueue stores).
         self._expand_defaults = _has_reference(self._defaults)
         self._count: JobCount | None = None
+        self._forecast: HostForecast | None = None
         self._yielded = 0
         self._file = open_jobs(path)
         #  A pipe's descriptor, duplicated, when CSV rows are read from it (see _StreamReader).
@@ -149,8 +151,18 @@ class JobSource:
             if self.format == "yaml":
                 select = self._select
                 known = sum(1 for i in self._yaml_items if select is None or select(i.line))
-            self._count = JobCount(self.path, self.format, select=self._select, known=known)
+            self._count = JobCount(
+                self.path, self.format, select=self._select, known=known, forecast=self._forecast
+            )
         return self._count
+
+    def forecast(self) -> HostForecast | None:
+        """Each host's requests still to come (forecast.py), counted in the same background pass
+        as the jobs: for a JSONL file or a URL list on disk, asked for before ``count``."""
+        if self._count is None and self.format in URL_AUTHORITY and self.path != "-":
+            self._forecast = HostForecast()
+            self.count()
+        return self._forecast
 
     def close(self) -> None:
         if self._file is not sys.stdin.buffer:

@@ -1,0 +1,83 @@
+"""How many requests the job file still has for each host: the idle pool's look-ahead.
+
+An idle keep-alive connection is worth keeping only if another request will go to its host, and
+a job file says which hosts that is before the run gets there. Without it the idle pool can only
+learn from its mistakes (connector.py): over 5,000 hosts that each come back, the first pass
+closes nearly every connection before it learns that they would have served again.
+
+``HostForecast`` is filled by the thread that counts a job file's jobs for the progress total
+(inputs.JobCount), from the same blocks and with one more regex over them: the host of every
+``"url"`` of a JSONL file, of every line of a URL list. The connector tells it each request it
+is asked for (``arrive``) and asks, as a connection goes idle, whether its host has requests
+still to come (``ahead``).
+
+It is a fixed table of 2**19 16-bit counters indexed by the host name's hash: 2 MiB whatever
+the number of hosts. Two hosts that share a counter are counted as one, which errs on the side
+of keeping a connection: what the pool does without a forecast. A counter that reaches 65,535
+stays there (such a host is never taken as finished). A host the file does not name as written
+(a redirect's target, a name in Unicode that the connection knows in its IDNA form) is not known,
+and the pool treats its connections as it would without a forecast.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from collections.abc import Iterable
+
+SLOTS = 1 << 19
+_MASK = SLOTS - 1
+_STUCK = 0xFFFF
+
+#  The authority of each job's URL: a JSONL line's "url" string, a URL list's line.
+URL_AUTHORITY = {
+    "jsonl": re.compile(rb'"url"\s*:\s*"[A-Za-z][A-Za-z0-9+.\-]*://([^"/?#\\\s]*)'),
+    "urls": re.compile(rb"^[ \t]*[A-Za-z][A-Za-z0-9+.\-]*://([^/?#\s]*)", re.M),
+}
+
+
+def host_of(authority: bytes) -> str | None:
+    """The host as aiohttp keys its connections (lower case, an IPv6 address without brackets),
+    or None when it is not plain ASCII."""
+    host = authority.rpartition(b"@")[2]
+    host = host[1 : host.find(b"]")] if host.startswith(b"[") else host.partition(b":")[0]
+    try:
+        return host.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return None
+
+
+class HostForecast:
+    """Per host, the requests the job file names minus those the connector was asked for."""
+
+    def __init__(self) -> None:
+        self._named = array("H", bytes(2 * SLOTS))
+        self._asked = array("H", bytes(2 * SLOTS))
+        #  Set once every line of the file is counted: only then can a host be finished.
+        self.complete = False
+
+    def add(self, authorities: Iterable[bytes]) -> None:
+        """Count one request to each authority's host (from the counting thread)."""
+        named = self._named
+        for authority in authorities:
+            host = host_of(authority)
+            if host is not None:
+                slot = hash(host) & _MASK
+                if named[slot] != _STUCK:
+                    named[slot] += 1
+
+    def arrive(self, host: str) -> None:
+        """A request to ``host`` reached the connector."""
+        slot = hash(host) & _MASK
+        if self._asked[slot] != _STUCK:
+            self._asked[slot] += 1
+
+    def ahead(self, host: str) -> bool | None:
+        """Whether requests to ``host`` are still to come: None when the forecast cannot say."""
+        slot = hash(host) & _MASK
+        named = self._named[slot]
+        if named == 0:
+            return None
+        if named == _STUCK or named > self._asked[slot]:
+            return True
+        return False if self.complete else None
