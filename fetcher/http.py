@@ -291,7 +291,9 @@ class HttpHandler:
             if refusal is not None:
                 # Never sent: the pool's count of attempts is overridden (SPEC: attempts 0).
                 return Outcome({**_empty_fields(job), "attempts": 0}, refusal)
-        host = url.host or ""
+        # The host as written in the URL (IDNA-encoded): ``url.host`` decodes it again, through
+        # the idna package, for every host past yarl's cache of 256 (~1 ms a job over 5,000 hosts).
+        host = url.raw_host or ""
         if self._rate.interval:
             await self._rate.acquire(host)
         if self._limit_hosts:
