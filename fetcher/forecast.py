@@ -11,12 +11,14 @@ closes nearly every connection before it learns that they would have served agai
 is asked for (``arrive``) and asks, as a connection goes idle, whether its host has requests
 still to come (``ahead``).
 
-It is a fixed table of 2**19 16-bit counters indexed by the host name's hash: 2 MiB whatever
-the number of hosts. Two hosts that share a counter are counted as one, which errs on the side
-of keeping a connection: what the pool does without a forecast. A counter that reaches 65,535
-stays there (such a host is never taken as finished). A host the file does not name as written
-(a redirect's target, a name in Unicode that the connection knows in its IDNA form) is not known,
-and the pool treats its connections as it would without a forecast.
+It is a fixed table of 2**19 slots indexed by the host name's hash, each two 16-bit counters
+and a 16-bit fingerprint of the host (another part of the hash): 3 MiB whatever the number of
+hosts. A slot that a second host lands in is given up (both hosts unknown, below): counted as
+one, the first host would look unfinished until the second one is, and its connection kept for
+nothing. A counter that reaches 65,535 stays there (such a host is never taken as finished).
+A host the file does not name as written (a redirect's target, a name in Unicode that the
+connection knows in its IDNA form) is not known either, and the pool treats its connections as
+it would without a forecast.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterable
 SLOTS = 1 << 19
 _MASK = SLOTS - 1
 _STUCK = 0xFFFF
+_SHARED = 0xFFFF  # the fingerprint of a slot two hosts landed in (0: a slot still free)
 
 #  The authority of each job's URL: a JSONL line's "url" string, a URL list's line.
 URL_AUTHORITY = {
@@ -47,37 +50,50 @@ def host_of(authority: bytes) -> str | None:
         return None
 
 
+def _place(host: str) -> tuple[int, int]:
+    """The slot of ``host`` and its fingerprint, from one hash: 1 to 65,534."""
+    h = hash(host)
+    return h & _MASK, (h >> 19) % 0xFFFE + 1
+
+
 class HostForecast:
     """Per host, the requests the job file names minus those the connector was asked for."""
 
     def __init__(self) -> None:
         self._named = array("H", bytes(2 * SLOTS))
         self._asked = array("H", bytes(2 * SLOTS))
+        self._owner = array("H", bytes(2 * SLOTS))
         #  Set once every line of the file is counted: only then can a host be finished.
         self.complete = False
 
     def add(self, authorities: Iterable[bytes]) -> None:
         """Count one request to each authority's host (from the counting thread)."""
-        named = self._named
+        named, owner = self._named, self._owner
         for authority in authorities:
             host = host_of(authority)
-            if host is not None:
-                slot = hash(host) & _MASK
-                if named[slot] != _STUCK:
-                    named[slot] += 1
+            if host is None:
+                continue
+            slot, print_ = _place(host)
+            if owner[slot] != print_:
+                if owner[slot]:
+                    owner[slot] = _SHARED
+                    continue
+                owner[slot] = print_
+            if named[slot] != _STUCK:
+                named[slot] += 1
 
     def arrive(self, host: str) -> None:
         """A request to ``host`` reached the connector."""
-        slot = hash(host) & _MASK
-        if self._asked[slot] != _STUCK:
+        slot, print_ = _place(host)
+        if self._owner[slot] == print_ and self._asked[slot] != _STUCK:
             self._asked[slot] += 1
 
     def ahead(self, host: str) -> bool | None:
         """Whether requests to ``host`` are still to come: None when the forecast cannot say."""
-        slot = hash(host) & _MASK
+        slot, print_ = _place(host)
+        if self._owner[slot] != print_:
+            return None  # not in the file (as written), or sharing its slot
         named = self._named[slot]
-        if named == 0:
-            return None
         if named == _STUCK or named > self._asked[slot]:
             return True
         return False if self.complete else None

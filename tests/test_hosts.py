@@ -15,7 +15,7 @@ import pytest
 from fetcher.config import Settings
 from fetcher.connector import BoundedConnector
 from fetcher.fdlimit import DEFAULT_MAX_IDLE, RESERVE, fit_open_files, idle_bounds
-from fetcher.forecast import HostForecast, host_of
+from fetcher.forecast import SLOTS, HostForecast, host_of
 from fetcher.http import Resolver
 
 from .test_e2e import clean_env, json_lines
@@ -121,6 +121,26 @@ async def test_hosts_a_forecast_does_not_know_are_pooled_as_without_one(base_url
         for host in HOSTS[:6]:
             await peer_port(session, host, port)
         assert conn.idle_count == 3  # unknown hosts, and h0 not known to be finished: kept
+
+
+def test_two_hosts_in_one_slot_are_not_forecast() -> None:
+    # Counted together, the first would look unfinished until the second is: both unknown.
+    slots: dict[int, str] = {}
+    i = 0
+    while (hash(host := f"h{i}.slot.test") & (SLOTS - 1)) not in slots:
+        slots[hash(host) & (SLOTS - 1)] = host
+        i += 1
+    first, second = slots[hash(host) & (SLOTS - 1)], host
+    alone = "alone.slot.test"
+    forecast = HostForecast()
+    forecast.add([first.encode(), second.encode(), alone.encode()])
+    forecast.complete = True
+    assert forecast.ahead(first) is None
+    assert forecast.ahead(second) is None
+    assert forecast.ahead(alone) is True
+    forecast.arrive(alone)
+    assert forecast.ahead(alone) is False
+    assert forecast.ahead("never.named.test") is None
 
 
 def test_host_of_an_authority_is_the_connection_key_host() -> None:
@@ -276,3 +296,12 @@ def test_a_low_soft_limit_is_raised_without_a_warning(tmp_path: Path, base_url: 
     assert len(results) == 1200
     assert code == 0
     assert "concurrency lowered" not in stderr
+
+
+async def test_pinned_names_match_in_any_case_and_with_a_trailing_dot() -> None:
+    as_written = {"h1.pins.test": "127.0.0.1"}
+    assert Resolver(as_written)._pinned is as_written  # already normal: no copy
+    for pins in (as_written, {"H1.Pins.TEST.": "127.0.0.1"}):
+        resolver = Resolver(pins)
+        for name in ("h1.pins.test", "H1.PINS.test", "h1.pins.test."):
+            assert [r["host"] for r in await resolver.resolve(name, 80)] == ["127.0.0.1"]
