@@ -24,7 +24,6 @@ This module imports nothing of the package's own: a few milliseconds to start, b
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import hashlib
 import io
@@ -45,6 +44,7 @@ from typing import IO, Any
 MAX_DIGESTS = 100_000
 SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 FRAME = struct.Struct(">I")
+MEMBER_HOLD = 1 << 16
 #  gzip: magic, deflate, no flags, no mtime, no extra flags, "unknown" OS (as zlib writes it).
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 #  An empty final block with fixed codes: what ends a deflate stream after a full flush.
@@ -135,16 +135,31 @@ class GzipMembers:
         self._crc = 0
         self._size = 0
         self._started = False
+        #  warcio writes a record in four or five pieces: a small one is compressed in one go.
+        self._parts: list[bytes] = []
+        self._held = 0
 
     def write(self, data: bytes) -> None:
-        if not self._started:
-            self._out.write(GZIP_HEADER)
-            self._started = True
+        self._parts.append(data)
+        self._held += len(data)
+        if self._held >= MEMBER_HOLD:
+            self._compress()
+
+    def _compress(self) -> None:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self._held = 0
         self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)
-        self._out.write(self._deflate.compress(data))
+        deflated = self._deflate.compress(data)
+        if not self._started:
+            deflated = GZIP_HEADER + deflated
+            self._started = True
+        self._out.write(deflated)
 
     def flush(self) -> None:
+        if self._parts:
+            self._compress()
         if not self._started:
             return
         tail = self._deflate.flush(zlib.Z_FULL_FLUSH) + DEFLATE_END
@@ -153,12 +168,20 @@ class GzipMembers:
         self._started = False
 
 
+#  Base32, ten bits (two letters) at a time: base64.b32encode is a Python loop, three times
+#  slower on a 20-byte digest, and a small record takes three digests.
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]
+_B32_SHIFTS = range(150, -1, -10)
+
+
 def sha1_digest(*parts: bytes) -> str:
     """A WARC digest, as warcio writes them: ``sha1:`` and base32."""
     h = hashlib.sha1()
     for part in parts:
         h.update(part)
-    return "sha1:" + base64.b32encode(h.digest()).decode("ascii")
+    n = int.from_bytes(h.digest(), "big")
+    return "sha1:" + "".join([_B32_PAIRS[(n >> s) & 0x3FF] for s in _B32_SHIFTS])
 
 
 EMPTY_DIGEST = sha1_digest(b"")
@@ -213,29 +236,31 @@ class Records:
             self._next_file()
         ref: dict[str, Any] = {}
         for hop in hops:
+            # One date for both records, as warcio's write_request_response_pair gives them.
+            date = self._date()
             offset = self._out.tell()
-            response_id = self._write_response(hop, fds)
+            response_id = self._write_response(hop, fds, date)
             length = self._out.tell() - offset
-            self._write_request(hop, response_id)
+            self._write_request(hop, response_id, date)
             ref = {"file": str(self._file), "offset": offset, "length": length}
         return ref
 
     def flush(self) -> None:
         self._out.flush()
 
-    def _warc_headers(self, kind: str, uri: str, fields: list[tuple[str, str]]) -> Any:
+    def _warc_headers(self, kind: str, uri: str, date: str, fields: list[tuple[str, str]]) -> Any:
         """The record's own headers, built whole: warcio's record builder would otherwise
         look each one up and replace it in a list, a few microseconds each."""
         head = [
             ("WARC-Type", kind),
             ("WARC-Record-ID", self._record_id()),
-            ("WARC-Date", self._date()),
+            ("WARC-Date", date),
             ("WARC-Target-URI", uri),
             *fields,
         ]
         return self._headers("", head, protocol="WARC/1.1")
 
-    def _write_response(self, hop: tuple[Any, ...], fds: FdInbox) -> str:
+    def _write_response(self, hop: tuple[Any, ...], fds: FdInbox, date: str) -> str:
         uri, _, _, status_line, protocol, response_headers, ip, _, payload, announced = hop
         w = self._writer
         http = self._headers(status_line, response_headers, protocol=protocol)
@@ -243,52 +268,94 @@ class Records:
         if payload is None:  # a redirect hop: its body was never read
             if announced:
                 extra.append(("WARC-Truncated", "unspecified"))
-            head = self._warc_headers("response", uri, extra)
+            head = self._warc_headers("response", uri, date, extra)
             w.write_record(
                 w.create_warc_record(uri, "response", warc_headers=head, http_headers=http)
             )
             return str(head.get_header("WARC-Record-ID"))
-        stream: IO[bytes]
         if isinstance(payload, bytes):
-            # Digests from the bytes at hand: warcio would read the payload twice for them.
-            length = len(payload)
-            stream = io.BytesIO(payload)
-            http.compute_headers_buffer(None)
+            # Digests from the bytes at hand: warcio would read the payload twice for them,
+            # and a revisit is known before any record is built.
             digest = sha1_digest(payload)
+            if payload and (seen := self._seen(digest)) is not None:
+                return self._write_revisit(uri, date, http, extra, digest, seen)
+            http.compute_headers_buffer(None)
             extra.append(("WARC-Payload-Digest", digest))
             extra.append(("WARC-Block-Digest", sha1_digest(http.headers_buff, payload)))
-        else:  # (tag, length): the spilled body's file, passed over the socket
-            tag, length = payload
-            stream = fds.take(tag)
-            digest = ""
-        try:
+            head = self._warc_headers("response", uri, date, extra)
+            w.write_record(
+                w.create_warc_record(
+                    uri,
+                    "response",
+                    payload=io.BytesIO(payload),
+                    length=len(payload),
+                    http_headers=http,
+                    warc_headers=head,
+                )
+            )
+            if payload:
+                self._remember(digest, uri, date)
+            return str(head.get_header("WARC-Record-ID"))
+        tag, length = payload  # a spilled body: its file came over the socket
+        with fds.take(tag) as stream:
+            head = self._warc_headers("response", uri, date, extra)
             record = w.create_warc_record(
                 uri,
                 "response",
                 payload=stream,
                 length=length,
                 http_headers=http,
-                warc_headers=self._warc_headers("response", uri, extra),
+                warc_headers=head,
             )
             digest = record.rec_headers.get_header("WARC-Payload-Digest")
-            seen = self._digests.get(digest) if length else None
-            if seen is not None:
-                self._digests.move_to_end(digest)
-                # The revisit's block is the headers alone: warcio digests it.
-                ip_only = {"WARC-IP-Address": ip} if ip else {}
-                record = w.create_revisit_record(
-                    uri, digest, seen[0], seen[1], http_headers=http, warc_headers_dict=ip_only
-                )
-            elif length:
-                self._digests[digest] = (uri, record.rec_headers.get_header("WARC-Date"))
-                if len(self._digests) > MAX_DIGESTS:
-                    self._digests.popitem(last=False)
+            if (seen := self._seen(digest)) is not None:
+                return self._write_revisit(uri, date, http, extra, digest, seen)
             w.write_record(record)
-        finally:
-            stream.close()
-        return str(record.rec_headers.get_header("WARC-Record-ID"))
+        self._remember(digest, uri, date)
+        return str(head.get_header("WARC-Record-ID"))
 
-    def _write_request(self, hop: tuple[Any, ...], response_id: str) -> None:
+    def _seen(self, digest: str) -> tuple[str, str] | None:
+        """The URI and date of the record that already holds this payload, if any."""
+        seen = self._digests.get(digest)
+        if seen is not None:
+            self._digests.move_to_end(digest)
+        return seen
+
+    def _remember(self, digest: str, uri: str, date: str) -> None:
+        self._digests[digest] = (uri, date)
+        if len(self._digests) > MAX_DIGESTS:
+            self._digests.popitem(last=False)
+
+    def _write_revisit(
+        self,
+        uri: str,
+        date: str,
+        http: Any,
+        extra: list[tuple[str, str]],
+        digest: str,
+        seen: tuple[str, str],
+    ) -> str:
+        """A payload already recorded: the HTTP headers, and where the payload is. Its block
+        is the headers alone."""
+        w = self._writer
+        http.compute_headers_buffer(None)
+        head = self._warc_headers(
+            "revisit",
+            uri,
+            date,
+            [
+                *extra,
+                ("WARC-Profile", w.REVISIT_PROFILE_1_1),
+                ("WARC-Refers-To-Target-URI", seen[0]),
+                ("WARC-Refers-To-Date", seen[1]),
+                ("WARC-Payload-Digest", digest),
+                ("WARC-Block-Digest", sha1_digest(http.headers_buff)),
+            ],
+        )
+        w.write_record(w.create_warc_record(uri, "revisit", http_headers=http, warc_headers=head))
+        return str(head.get_header("WARC-Record-ID"))
+
+    def _write_request(self, hop: tuple[Any, ...], response_id: str, date: str) -> None:
         uri, request_line, request_headers, *_ = hop
         body: bytes = hop[7]
         headers = [
@@ -306,6 +373,7 @@ class Records:
         head = self._warc_headers(
             "request",
             uri,
+            date,
             [
                 ("WARC-Concurrent-To", response_id),
                 ("WARC-Payload-Digest", sha1_digest(body) if body else EMPTY_DIGEST),
