@@ -230,7 +230,7 @@ class WarcWriter:
                 raise
         if self._stopped is not None:
             discard(hops)
-            raise self._stopped
+            raise OSError(str(self._stopped))  # a new one each time: tracebacks do not pile up
         exchange = []
         size = 0
         try:
