@@ -274,7 +274,7 @@ class HttpHandler:
             await self._socks.close()
         await self._resolver.close()
         if self._warc is not None:
-            await asyncio.to_thread(self._warc.close)
+            await self._warc.close()
 
     async def attempt(self, job: HttpJob) -> Outcome:
         url = job.target

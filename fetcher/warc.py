@@ -1,7 +1,7 @@
 """``--warc FILE.warc.gz``: every http exchange as WARC/1.1 records, written with warcio.
 
-warcio (the reference WARC library) builds the records, their digests and the per-record gzip
-members; this module decides what goes in them and where they go:
+warcio (the reference WARC library) builds the records and their digests in a writer process
+of their own (warcrecords.py); this module decides what goes in them and hands them over:
 
 - a ``warcinfo`` record opens every file; past ``warc.max_size`` bytes a new numbered file
   starts (``crawl.warc.gz``, ``crawl-00001.warc.gz``, ...), with its own ``warcinfo``;
@@ -17,9 +17,13 @@ members; this module decides what goes in them and where they go:
 - the values of ``Authorization``, ``Cookie`` and ``Proxy-Authorization`` request headers are
   written as ``***``, as everywhere else fetcher writes.
 
-One thread writes, record after record, so the loop never waits on gzip or the disk and the
-records of one exchange are never interleaved with another's. A result line is written only
-after its records: the ``warc`` field always points to a complete record.
+Building a record is a fraction of a millisecond of Python: in a thread of this process it
+was taken from the event loop under the GIL (a small-page run took 2.5 times as long), so the
+records are built in their own process, on the other core. The exchanges finished in one turn
+of the loop go to it as one batch through a pipe, and it answers the batch at once when its
+records are written: a result line is written only after its records, so the ``warc`` field
+always points to a complete record. One writer, in order: the records of one exchange are
+never interleaved with another's.
 
 After SIGKILL the last gzip member may be cut short: ``--resume`` truncates the last file of the
 series at the end of its last complete record (``repair``) and appends after it.
@@ -28,27 +32,33 @@ series at the end of its last complete record (``repair``) and appends after it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import io
+import json
 import os
-import queue
+import pickle
 import re
+import socket
+import subprocess
+import sys
 import tempfile
-import threading
-import zlib
-from collections import OrderedDict
-from collections.abc import Iterator
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import ConfigError
+from .warcrecords import FRAME, existing_series, lock, repair
 
-#  Payload digests remembered for revisit records: about 150 bytes each.
-MAX_DIGESTS = 100_000
-SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+__all__ = ["Hop", "RawSpool", "WarcWriter", "check_target", "discard", "repair", "target_uri"]
+
 SPOOL_BYTES = 1 << 20
+#  A batch is sent before the turn of the loop ends once it holds this much.
+BATCH_BYTES = 8 << 20
+#  How long a new run waits for the writer of a killed one to be gone (the kernel kills it).
+LOCK_WAIT = 10.0
+#  The package's folder, first on the writer's path: it runs this very fetcher.
+ROOT = str(Path(__file__).resolve().parent.parent)
+BOOT = f"import sys; sys.path.insert(0, {ROOT!r}); from fetcher.warcrecords import main; main()"
 
 
 @dataclass
@@ -94,14 +104,27 @@ class RawSpool:
             self._file = tempfile.TemporaryFile(dir=self._folder)  # noqa: SIM115 - closed by close()
         self._file.write(data)
 
-    def stream(self) -> tuple[IO[bytes], int]:
-        """The whole payload, framed, and its length (in the writer thread, at the end)."""
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def _tail(self) -> bytes:
         tail = bytes(self._buffer) + (b"0\r\n\r\n" if self._chunked else b"")
         self._buffer.clear()
-        if self._file is None:
-            return io.BytesIO(tail), len(tail)
-        self._file.write(tail)
+        return tail
+
+    def payload(self) -> bytes:
+        """The whole payload, framed, of a body that stayed in memory."""
+        assert self._file is None
+        return self._tail()
+
+    def finish_file(self) -> tuple[IO[bytes], int]:
+        """The file of a spilled body, its tail written and at its start, and its length
+        (blocking: from a thread)."""
+        assert self._file is not None
+        self._file.write(self._tail())
         length = self._file.tell()
+        self._file.flush()
         self._file.seek(0)
         return self._file, length
 
@@ -109,17 +132,6 @@ class RawSpool:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def series(path: Path) -> Iterator[Path]:
-    """``crawl.warc.gz``, then ``crawl-00001.warc.gz``, ``crawl-00002.warc.gz``, ..."""
-    yield path
-    name = path.name
-    stem, dot, ext = name.partition(".")
-    n = 1
-    while True:
-        yield path.with_name(f"{stem}-{n:05d}{dot}{ext}")
-        n += 1
 
 
 def check_target(path: Path, *, resume: bool, overwrite: bool) -> None:
@@ -140,278 +152,236 @@ def check_target(path: Path, *, resume: bool, overwrite: bool) -> None:
         file.unlink()
 
 
-def existing_series(path: Path) -> list[Path]:
-    files: list[Path] = []
-    for candidate in series(path):
-        if not candidate.exists():
-            return files
-        files.append(candidate)
-    return files  # pragma: no cover - series() never ends
-
-
-def repair(path: Path) -> int:
-    """Cut a torn record off the end of ``path``; returns the bytes removed.
-
-    Every record is one gzip member, finished (trailer and CRC) before the next begins, so the
-    end of the last member zlib reads to its trailer is the end of the last complete record.
-    """
-    with open(path, "rb") as f:
-        good = _complete_members(f)
-        size = f.seek(0, os.SEEK_END)
-    if good < size:
-        os.truncate(path, good)
-    return size - good
-
-
-def _complete_members(f: IO[bytes]) -> int:
-    """Bytes of ``f`` taken by complete gzip members, from its start."""
-    good = pos = 0
-    member = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    while block := f.read(1 << 20):
-        data = block
-        while data:
-            try:
-                member.decompress(data)
-            except zlib.error:  # not gzip past the last good member: cut there
-                return good
-            if not member.eof:
-                pos += len(data)
-                break
-            pos += len(data) - len(member.unused_data)
-            good = pos
-            data = member.unused_data
-            member = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    return good
-
-
-class _GzipMembers:
-    """What warcio writes a record to: each record one gzip member (warcio's ``flush`` at the
-    record's end closes it), at level 6 rather than warcio's 9, which costs twice the CPU for
-    a file a few percent smaller."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
-        self._member = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-
-    def write(self, data: bytes) -> None:
-        self._out.write(self._member.compress(data))
-
-    def flush(self) -> None:
-        self._out.write(self._member.flush())
-        self._member = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-
-
-def _sha1(*parts: bytes) -> str:
-    """A WARC digest, as warcio writes them: ``sha1:`` and base32."""
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(part)
-    return "sha1:" + base64.b32encode(h.digest()).decode("ascii")
+def wire_hop(hop: Hop, payload: bytes | tuple[int, int] | None) -> tuple[Any, ...]:
+    """A hop as it crosses the pipe to the writer: plain values, which pickle fast."""
+    return (
+        hop.uri,
+        hop.request_line,
+        hop.request_headers,
+        hop.status_line,
+        hop.protocol,
+        hop.response_headers,
+        hop.ip,
+        hop.request_body,
+        payload,
+        hop.announced_body,
+    )
 
 
 class WarcWriter:
     """The WARC files of one run (one process). ``record`` returns the result's ``warc``."""
 
     def __init__(self, path: Path, max_size: int, *, append: bool, software: str) -> None:
-        """``append``: add to the series at ``path`` (``--resume``, workers), else start it anew."""
-        from warcio.warcwriter import WARCWriter
+        """``append``: add to the series at ``path`` (``--resume``, workers), else start it anew.
 
-        self._writer_class = WARCWriter
-        self._path = path
-        self._max_size = max_size
-        self._software = software
-        #  Exchanges to write, in order, for the one writer thread (started by the first).
-        self._queue: queue.SimpleQueue[tuple[list[Hop], asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._digests: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._names = series(path)
-        self._out: IO[bytes] | None = None
-        self._file = path
+        The file is opened (and repaired) here, so that one that cannot be written stops the
+        run before it starts; the writer process starts with it open and takes it from there.
+        """
         self.folder = path.parent
         try:
-            self._open(append)
+            out, index = _open(path, append)
         except OSError as exc:
             raise ConfigError(f"--warc {path}: {exc.strerror}") from None
-
-    def _open(self, append: bool) -> None:
-        existing = existing_series(self._path) if append else []
-        if existing:
-            for _ in existing[1:]:
-                next(self._names)
-            self._file = existing[-1]
-            next(self._names)
-            repair(self._file)
-            self._out = open(self._file, "ab")  # noqa: SIM115 - closed by close()
-            self._writer = self._writer_class(
-                _GzipMembers(self._out), gzip=False, warc_version="1.1"
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        setup = {
+            "path": str(path),
+            "index": index,
+            "max_size": max_size,
+            "software": software,
+            "parent": os.getpid(),
+            "out": out.fileno(),
+            "fds": theirs.fileno(),
+        }
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", BOOT, json.dumps(setup)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(out.fileno(), theirs.fileno()),
+                # Out of the terminal's process group: Ctrl-C is the run's to handle (drain),
+                # and the writer ends when the run closes the pipe.
+                start_new_session=True,
             )
-            if self._out.tell() == 0:
-                self._warcinfo()
-            return
-        self._next_file()
-
-    def _next_file(self) -> None:
-        if self._out is not None:
-            self._out.close()
-        self._file = next(self._names)
-        self._out = open(self._file, "wb")  # noqa: SIM115 - closed by close()
-        self._writer = self._writer_class(_GzipMembers(self._out), gzip=False, warc_version="1.1")
-        self._warcinfo()
-
-    def _warcinfo(self) -> None:
-        info = {"software": self._software, "format": "WARC File Format 1.1"}
-        self._writer.write_record(self._writer.create_warcinfo_record(self._file.name, info))
-        assert self._out is not None
-        self._out.flush()
+        except OSError as exc:
+            mine.close()
+            raise ConfigError(f"--warc {path}: cannot start the writer: {exc}") from None
+        finally:
+            out.close()  # the writer holds the file, and its lock, from here on
+            theirs.close()
+        self._fds = mine
+        self._pipe: asyncio.WriteTransport | None = None
+        self._answers: _Answers | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        #  Exchanges for the next batch, and the jobs waiting for the answers, in order.
+        self._batch: list[list[tuple[Any, ...]]] = []
+        self._batch_bytes = 0
+        self._scheduled = False
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._tags = 0
+        self._stopped: BaseException | None = None
 
     async def record(self, hops: list[Hop]) -> dict[str, Any]:
-        """Write ``hops`` (in the writer thread); the result's ``warc`` field once written.
-
-        A hand-off per exchange to an executor cost a third of a small-page run in thread
-        wake-ups; the writer instead drains whatever is queued and answers a whole batch with
-        one call into the loop.
-        """
-        if self._thread is None:
-            self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._drain, name="warc", daemon=True)
-            self._thread.start()
-        assert self._loop is not None
-        done: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._queue.put((hops, done))
+        """The result's ``warc`` field, once the records of ``hops`` are written."""
+        if self._pipe is None:
+            try:
+                await self._connect()
+            except BaseException:
+                discard(hops)
+                raise
+        if self._stopped is not None:
+            discard(hops)
+            raise OSError(str(self._stopped))  # a new one each time: tracebacks do not pile up
+        exchange = []
+        size = 0
+        try:
+            for hop in hops:
+                payload: bytes | tuple[int, int] | None = None
+                spool = hop.payload
+                if spool is not None and spool.spilled:
+                    hop.payload = None  # the thread that passes it on closes it
+                    payload = await self._pass_file(spool)
+                elif spool is not None:
+                    payload = spool.payload()
+                    size += len(payload)
+                exchange.append(wire_hop(hop, payload))
+        finally:
+            discard(hops)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._batch.append(exchange)
+        self._waiting.append(done)
+        self._batch_bytes += size
+        if self._batch_bytes >= BATCH_BYTES:
+            self._send()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._send)
         return await done
 
-    def _drain(self) -> None:
-        get, loop = self._queue.get, self._loop
-        assert loop is not None
-        while (item := get()) is not None:
-            batch = [item]
-            while len(batch) < 512:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # seen again by the outer loop, after this batch
-                    break
-                batch.append(more)
-            answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            for hops, done in batch:
-                try:
-                    answers.append((done, self._write(hops), None))
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiting job
-                    discard(hops)
-                    answers.append((done, None, exc))
-            loop.call_soon_threadsafe(_answer, answers)
+    async def _connect(self) -> None:
+        """The pipes to and from the writer, on the loop (once, on the first record)."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect_pipes())
+        await asyncio.shield(self._connecting)
 
-    def _write(self, hops: list[Hop]) -> dict[str, Any]:
-        assert self._out is not None
-        if self._out.tell() >= self._max_size:
-            self._next_file()
-        ref: dict[str, Any] = {}
-        for hop in hops:
-            offset = self._out.tell()
-            response_id = self._write_response(hop)
-            length = self._out.tell() - offset
-            self._write_request(hop, response_id)
-            ref = {"file": str(self._file), "offset": offset, "length": length}
-        self._out.flush()
-        return ref
+    async def _connect_pipes(self) -> None:
+        loop = asyncio.get_running_loop()
+        process = self._process
+        assert process.stdin is not None and process.stdout is not None
+        answers = _Answers(self)
+        await loop.connect_read_pipe(lambda: answers, process.stdout)
+        pipe, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, process.stdin)
+        self._answers, self._pipe = answers, pipe
 
-    def _write_response(self, hop: Hop) -> str:
-        from warcio.statusandheaders import StatusAndHeaders
+    async def _pass_file(self, spool: RawSpool) -> tuple[int, int]:
+        """A spilled body goes as its file: the descriptor over the socket, with a tag."""
+        self._tags += 1
+        tag = self._tags
 
-        w = self._writer
-        http = StatusAndHeaders(hop.status_line, hop.response_headers, protocol=hop.protocol)
-        extra: dict[str, str] = {}
-        if hop.ip:
-            extra["WARC-IP-Address"] = hop.ip
-        if hop.payload is None:
-            if hop.announced_body:
-                extra["WARC-Truncated"] = "unspecified"
-            record = w.create_warc_record(
-                hop.uri, "response", http_headers=http, warc_headers_dict=extra
-            )
-        else:
-            stream, length = hop.payload.stream()
-            if isinstance(stream, io.BytesIO):
-                # Digests from the bytes at hand: warcio would read the payload twice for them.
-                payload = stream.getvalue()
-                http.compute_headers_buffer(None)
-                extra["WARC-Payload-Digest"] = _sha1(payload)
-                extra["WARC-Block-Digest"] = _sha1(http.headers_buff, payload)
+        def send() -> int:
             try:
-                record = w.create_warc_record(
-                    hop.uri,
-                    "response",
-                    payload=stream,
-                    length=length,
-                    http_headers=http,
-                    warc_headers_dict=extra,
-                )
-                digest = record.rec_headers.get_header("WARC-Payload-Digest")
-                seen = self._digests.get(digest) if length else None
-                if seen is not None:
-                    self._digests.move_to_end(digest)
-                    record = w.create_revisit_record(
-                        hop.uri,
-                        digest,
-                        seen[0],
-                        seen[1],
-                        http_headers=http,
-                        warc_headers_dict=extra,
-                    )
-                elif length:
-                    date = record.rec_headers.get_header("WARC-Date")
-                    self._digests[digest] = (hop.uri, date)
-                    if len(self._digests) > MAX_DIGESTS:
-                        self._digests.popitem(last=False)
-                w.write_record(record)
+                file, length = spool.finish_file()
+                socket.send_fds(self._fds, [tag.to_bytes(8, "big")], [file.fileno()])
             finally:
-                hop.payload.close()
-            return str(record.rec_headers.get_header("WARC-Record-ID"))
-        w.write_record(record)
-        return str(record.rec_headers.get_header("WARC-Record-ID"))
+                spool.close()  # the writer has its own descriptor of the file now
+            return length
 
-    def _write_request(self, hop: Hop, response_id: str) -> None:
-        from warcio.statusandheaders import StatusAndHeaders
+        return tag, await asyncio.to_thread(send)
 
-        headers = [
-            (name, "***" if name.lower() in SECRET_HEADERS else value)
-            for name, value in hop.request_headers
-        ]
-        method, _, target = hop.request_line.partition(" ")
-        http = StatusAndHeaders(
-            f"{method} {target.rsplit(' ', 1)[0]}",
-            headers,
-            protocol="HTTP/1.1",
-            is_http_request=True,
-        )
-        body = hop.request_body
-        http.compute_headers_buffer(None)
-        record = self._writer.create_warc_record(
-            hop.uri,
-            "request",
-            payload=io.BytesIO(body),
-            length=len(body),
-            http_headers=http,
-            warc_headers_dict={
-                "WARC-Concurrent-To": response_id,
-                "WARC-Payload-Digest": _sha1(body),
-                "WARC-Block-Digest": _sha1(http.headers_buff, body),
-            },
-        )
-        self._writer.write_record(record)
+    def _send(self) -> None:
+        """The batch, as one frame (the writer answers it as one)."""
+        self._scheduled = False
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if self._pipe is None or self._pipe.is_closing():
+            self._stop(OSError("the WARC writer process is not running"))
+            return
+        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        self._pipe.write(FRAME.pack(len(data)) + data)
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+    def _answered(self, replies: list[Any]) -> None:
+        """On the loop: a written batch's answers to the jobs still waiting for them."""
+        waiting = self._waiting
+        for reply in replies:
+            done = waiting.popleft()
+            if done.cancelled():
+                continue
+            if isinstance(reply, BaseException):
+                done.set_exception(reply)
+            else:
+                done.set_result(reply)
+
+    def _stop(self, exc: BaseException) -> None:
+        """The writer is gone: every job still waiting, and every later one, fails."""
+        if self._stopped is None:
+            self._stopped = exc
+        while self._waiting:
+            done = self._waiting.popleft()
+            if not done.cancelled():
+                done.set_exception(exc)
+
+    async def close(self) -> None:
+        """Closes the pipe (the writer writes what it has and ends) and waits for the writer."""
+        if self._scheduled:
+            self._send()
+        if self._pipe is not None:
+            self._pipe.close()
+            assert self._answers is not None
+            await self._answers.ended
+        else:
+            if self._connecting is not None:
+                self._connecting.cancel()
+            assert self._process.stdin is not None and self._process.stdout is not None
+            self._process.stdin.close()
+            self._process.stdout.close()
+        await asyncio.to_thread(self._process.wait)
+        self._fds.close()
+
+
+class _Answers(asyncio.Protocol):
+    """The writer's answers, frame by frame, as they come through the pipe."""
+
+    def __init__(self, writer: WarcWriter) -> None:
+        self._writer = writer
+        self._buffer = bytearray()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= FRAME.size:
+            (size,) = FRAME.unpack_from(buffer, start)
+            end = start + FRAME.size + size
+            if len(buffer) < end:
+                break
+            self._writer._answered(pickle.loads(memoryview(buffer)[start + FRAME.size : end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writer._stop(OSError("the WARC writer process stopped"))
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+def _open(path: Path, append: bool) -> tuple[IO[bytes], int]:
+    """The file the writer starts in, open and locked, and its place in the series."""
+    existing = existing_series(path) if append else []
+    file = existing[-1] if existing else path
+    out = open(file, "ab" if existing else "wb")  # noqa: SIM115 - handed to the writer process
+    # The writer of a run killed a moment ago may still be on its way out (the kernel kills
+    # it): it holds the lock until it is gone, and nothing is repaired or appended before.
+    deadline = time.monotonic() + LOCK_WAIT
+    while not lock(out, wait=False):
+        if time.monotonic() > deadline:
+            out.close()
+            raise ConfigError(f"--warc {file} is being written by another run")
+        time.sleep(0.01)
+    if existing:
+        repair(file)
+    return out, max(len(existing) - 1, 0)
 
 
 _CREDENTIALS = re.compile(r"//[^/@]*@")
@@ -420,17 +390,6 @@ _CREDENTIALS = re.compile(r"//[^/@]*@")
 def target_uri(url: str) -> str:
     """The URI a record names: never with a password in it."""
     return _CREDENTIALS.sub("//", url, count=1)
-
-
-def _answer(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    """On the loop: the results of a written batch to the jobs still waiting for them."""
-    for done, ref, exc in answers:
-        if done.cancelled():
-            continue
-        if exc is None:
-            done.set_result(ref)
-        else:
-            done.set_exception(exc)
 
 
 def discard(hops: list[Hop]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from fetcher.schema import result_schema
@@ -253,3 +255,186 @@ def test_save_and_warc_together(tmp_path: Path, base_url: str) -> None:
     assert r["body"] == GZIP_TEXT.decode()
     assert gzip.decompress(record_at(r["warc"]).payload) == GZIP_TEXT  # encoded in the WARC
     assert os.path.getsize(r["path"]) == r["bytes"]
+
+
+def test_large_bodies_are_recorded_whole(tmp_path: Path, base_url: str) -> None:
+    """Bodies past what is kept in memory go to the writer as their file's descriptor."""
+    warc = tmp_path / "l.warc.gz"
+    jobs = [
+        {"id": "plain", "url": f"{base_url}/huge?size=3000000"},
+        {"id": "chunked", "url": f"{base_url}/huge?size=2500001&chunked=1"},
+    ]
+    done = fetcher("run", write_jsonl(tmp_path / "j.jsonl", jobs), "--warc", warc, "-n", "2")
+    assert done.returncode == 0, done.stderr
+    results = by_id(json_lines(done.stdout))
+    plain = record_at(results["plain"]["warc"])
+    assert plain.payload == b"z" * 3000000
+    chunked = record_at(results["chunked"]["warc"])
+    assert chunked.payload.endswith(b"0\r\n\r\n")
+    assert unchunk(chunked.payload) == b"z" * 2500001
+    assert_accepted(warc)
+
+
+def unchunk(framed: bytes) -> bytes:
+    body, pos = bytearray(), 0
+    while True:
+        end = framed.index(b"\r\n", pos)
+        size = int(framed[pos:end], 16)
+        if size == 0:
+            return bytes(body)
+        body += framed[end + 2 : end + 2 + size]
+        pos = end + 2 + size + 2
+
+
+def test_a_revisit_holds_one_payload_digest_and_its_own_block_digest(
+    tmp_path: Path, base_url: str
+) -> None:
+    warc = tmp_path / "v.warc.gz"
+    jobs = [{"id": f"j{i}", "url": f"{base_url}/blob/same.png?i={i}"} for i in range(2)]
+    done = fetcher("run", write_jsonl(tmp_path / "j.jsonl", jobs), "--warc", warc, "-n", "1")
+    assert done.returncode == 0, done.stderr
+    with open(warc, "rb") as f:  # unparsed: the block as written, HTTP headers and all
+        revisit = next(
+            r for r in ArchiveIterator(f, no_record_parse=True) if r.rec_type == "revisit"
+        )
+        block = revisit.raw_stream.read()
+    assert block.startswith(b"HTTP/1.1 200 ") and block.endswith(b"\r\n\r\n")
+    digests = [v for k, v in revisit.rec_headers.headers if k == "WARC-Payload-Digest"]
+    assert len(digests) == 1
+    # A revisit's block is the HTTP headers alone, and its digest is theirs.
+    expected = "sha1:" + base64.b32encode(hashlib.sha1(block).digest()).decode()
+    assert revisit.rec_headers.get_header("WARC-Block-Digest") == expected
+
+
+def writer_of(pid: int) -> int | None:
+    """The WARC writer process the run ``pid`` started, if it is alive (or a zombie)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"fetcher.warcrecords" in cmdline:
+            return int(entry.name)
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@linux_only
+def test_the_writer_dies_with_a_killed_run(tmp_path: Path, base_url: str) -> None:
+    warc = tmp_path / "d.warc.gz"
+    jobs = [{"id": "slow", "url": f"{base_url}/slow-big?size=4000000&interval=0.05"}]
+    args = [*FETCHER, "run", str(write_jsonl(tmp_path / "j.jsonl", jobs)), "--warc", str(warc)]
+    proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while (writer := writer_of(proc.pid)) is None:
+            assert time.monotonic() < deadline, "no writer process appeared"
+            assert proc.poll() is None
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while alive(writer):  # the kernel kills it with its parent: no orphan is left writing
+        assert time.monotonic() < deadline, "the writer outlived the run"
+        time.sleep(0.01)
+
+
+@linux_only
+def test_the_writer_is_reaped_when_the_run_ends(tmp_path: Path, base_url: str) -> None:
+    from fetcher import Settings, run_sync
+
+    warc = tmp_path / "z.warc.gz"
+    settings = Settings(warc={"file": warc})  # type: ignore[arg-type]
+    [result] = run_sync([{"id": "a", "url": f"{base_url}/ok"}], settings)
+    assert result.ok
+    assert writer_of(os.getpid()) is None  # neither running nor a zombie
+    assert_accepted(warc)
+
+
+def test_ctrl_c_drains_and_the_writer_finishes_the_file(tmp_path: Path, base_url: str) -> None:
+    """The terminal signals the whole process group: the run drains, its writer carries on."""
+    warc = tmp_path / "c.warc.gz"
+    jobs = [{"id": f"q{i}", "url": f"{base_url}/noise?size=2000&seed={i}"} for i in range(8)]
+    jobs += [
+        {"id": f"s{i}", "url": f"{base_url}/slow-big?size=4000000&interval=0.05"} for i in range(4)
+    ]
+    out = tmp_path / "out.jsonl"
+    args = [*FETCHER, "run", str(write_jsonl(tmp_path / "j.jsonl", jobs)), "-o", str(out)]
+    proc = subprocess.Popen(
+        [*args, "--warc", str(warc), "-n", "12"],
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # a group of its own, as a shell gives a command
+    )
+    deadline = time.monotonic() + 20
+    while not out.exists() or out.read_bytes().count(b"\n") < 8:
+        assert time.monotonic() < deadline, "no results appeared"
+        assert proc.poll() is None
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    results = by_id(json_lines(out.read_bytes()))
+    assert len(results) == 12  # the slow ones drained, their records written
+    for r in results.values():
+        record = record_at(r["warc"])
+        if r["id"].startswith("s") and record.rec_type == "revisit":
+            continue  # the same bytes as another slow one: recorded once
+        assert hashlib.sha256(record.payload).hexdigest() == r["sha256"]
+    assert_accepted(warc)
+
+
+@linux_only
+def test_resume_waits_for_the_writer_still_holding_the_file(tmp_path: Path, base_url: str) -> None:
+    """Until the old writer is gone (it holds a lock), nothing is repaired or appended."""
+    import fcntl
+
+    warc = tmp_path / "w.warc.gz"
+    job_file = write_jsonl(tmp_path / "j.jsonl", [{"id": "a", "url": f"{base_url}/blob/a.png"}])
+    out = tmp_path / "out.jsonl"
+    assert fetcher("run", job_file, "-o", out, "--warc", warc).returncode == 0
+    write_jsonl(
+        job_file,
+        [
+            {"id": "a", "url": f"{base_url}/blob/a.png"},
+            {"id": "b", "url": f"{base_url}/blob/b.png"},
+        ],
+    )
+    with open(warc, "ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a dying writer holds it
+        args = [*FETCHER, "run", str(job_file), "-o", str(out), "--warc", str(warc), "--resume"]
+        proc = subprocess.Popen(args, env=clean_env(), stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not any(
+            os.path.realpath(fd) == str(warc)
+            for fd in (f"/proc/{proc.pid}/fd/{n}" for n in os.listdir(f"/proc/{proc.pid}/fd"))
+            if os.path.exists(fd)
+        ):
+            assert time.monotonic() < deadline, "the run never opened the WARC file"
+            assert proc.poll() is None
+            time.sleep(0.005)
+        # The holder's last, torn record: cut by the repair that comes after the lock.
+        extra = gzip.compress(b"WARC/1.1\r\nWARC-Type: response\r\n" + b"x" * 5000)
+        held.write(extra[: len(extra) // 2])
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    results = by_id(json_lines(out.read_bytes()))
+    assert record_at(results["b"]["warc"]).payload == blob_bytes("b")
+    assert_accepted(warc)
