@@ -11,7 +11,8 @@ Cases (all against the shared nginx, ``../shared/bench/server.sh start``, port 8
     warc     20,000 ``/small.html`` jobs, -n 100, with ``--warc`` beside the same run without:
              wall time ratio (and CPU time ratio, the writer process's included), peak RSS
     io       how the loop fares while 200 MiB are written: os.write on the loop against a
-             thread per 256 KiB flush (save.py's way): the longest stall of a 1 ms ticker
+             thread per 256 KiB write (save.py hands its flushes to threads the same way): the
+             longest stall of a 1 ms ticker
 
     python benchmarks/bench_save.py [--cases files,huge,warc,io] [--rounds 3]
 """

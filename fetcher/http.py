@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from email.utils import parsedate_to_datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from aiohttp.compression_utils import (
     ZLibDecompressor,
     ZSTDDecompressor,
 )
-from aiohttp.helpers import get_env_proxy_for_url
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE, get_env_proxy_for_url
 from yarl import URL
 
 from .config import Settings, TlsSettings
@@ -45,7 +46,16 @@ from .netpolicy import NetworkPolicy, is_blocked_error
 from .ratelimit import PRESSURE_STATUSES, AdaptiveSlots, KeyedRate, KeyedSlots
 from .results import Outcome
 from .robots import RobotsGate, RobotsRefused
-from .save import BodyFile, BodyStore, NameTemplate, SaveFailed, name_values, safe_name
+from .save import (
+    READ_BUFSIZE,
+    READ_BYTES,
+    BodyFile,
+    BodyStore,
+    NameTemplate,
+    SaveFailed,
+    name_values,
+    safe_name,
+)
 from .socks import PolicedSocksConnector, SocksSessions, is_socks
 from .socks import connector_options as socks_options
 from .tls import ssl_context
@@ -259,6 +269,9 @@ class HttpHandler:
             trust_env=s.trust_env and not socks,
             proxy=None if socks else proxy,
             middlewares=middlewares,
+            # Under --save every body is streamed to disk: a small buffer per reader keeps
+            # memory per download bounded (save.READ_BUFSIZE says why and what it measured).
+            read_bufsize=READ_BUFSIZE if self._store is not None else DEFAULT_CHUNK_SIZE,
         )
 
     async def _addresses(self, host: str, port: int) -> list[str]:
@@ -447,9 +460,13 @@ class HttpHandler:
             return True
 
         try:
-            read = resp.content.readany
+            content = resp.content
+            # To a file, READ_BYTES at a time: readany() would join all that is buffered
+            # into one more copy, and drain the reader at once, so that it refills while
+            # the copy is written (save.READ_BUFSIZE).
+            take_next = content.readany if file is None else partial(content.read, READ_BYTES)
             fits = True
-            while fits and (raw := await read()):
+            while fits and (raw := await take_next()):
                 if spool is not None:
                     await spool.write(raw)
                 room = 0 if cap is None else cap - size + 1

@@ -37,7 +37,20 @@ from yarl import URL
 from .errors import ConfigError
 
 PARTIAL_DIR = ".fetcher-partial"
-FLUSH_BYTES = 256 * 1024
+#  What one download holds in memory is what aiohttp has buffered for it plus what it has read
+#  and not yet written; with -n 100 that is a hundred times over. With aiohttp's defaults it
+#  was ~1 MB a download: a 256 KiB read_bufsize lets a reader fill to 512 KiB before it pauses
+#  the socket, uvloop hands over up to 250 KB per read on top, readany() joined all of it into
+#  one more copy and, having drained the reader, let it refill while that copy was written.
+#  Under --save the body is therefore taken READ_BYTES at a time: the reader stays paused until
+#  it is drained (aiohttp raises its low-water mark to the size read, so the session's
+#  read_bufsize must not be larger), holding about one read of the socket, and at most
+#  FLUSH_BYTES wait here for their trip to a thread. Smaller flushes mean more trips (CPU on
+#  the loop); 2,000 x 1 MiB at -n 100 (benchmarks/bench_save.py, case files) went from 154 MB
+#  to 97 MB peak RSS this way (docs/benchmarks.md).
+READ_BUFSIZE = 8 * 1024
+READ_BYTES = 8 * 1024
+FLUSH_BYTES = 128 * 1024
 #  A part of a name longer than this many bytes is cut (most file systems' NAME_MAX).
 MAX_PART_BYTES = 255
 
