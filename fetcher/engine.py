@@ -17,6 +17,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
 )
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from .http import HttpHandler
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 from .pool import Pool, RetryPolicy
 from .results import Handler, Outcome, Result
+from .shaping import computed_fields
 
 JobInput = dict[str, Any] | HttpJob | MailJob
 """A job as a JSON-like dict (the job-file format) or a validated HttpJob / MailJob."""
@@ -44,11 +46,15 @@ class RunObserver(Protocol):
 
 
 async def build_handlers(
-    settings: Settings, stack: contextlib.AsyncExitStack
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    *,
+    fields: frozenset[str] | None = None,
 ) -> dict[str, Handler]:
-    """One handler per job kind, each closed when ``stack`` closes."""
+    """One handler per job kind, each closed when ``stack`` closes; ``fields``: the result
+    fields they need to fill in (None: all)."""
     return {
-        "http": await stack.enter_async_context(HttpHandler(settings)),
+        "http": await stack.enter_async_context(HttpHandler(settings, fields=fields)),
         "mail": _MailOnFirstUse(settings, stack),
     }
 
@@ -100,13 +106,22 @@ class Runner:
 
     Use as ``async with Runner(settings) as runner``. Leaving the block stops any run still in
     progress (its jobs in flight are cancelled) and closes every connection.
+
+    ``fields`` (``fetcher run --fields``): the only result fields that will be written; the
+    results then carry those and what a run reads itself (``shaping.computed_fields``), and
+    the others are never computed. None, the default: every field.
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, observer: RunObserver | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        observer: RunObserver | None = None,
+        fields: Collection[str] | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self._observer = observer
+        self._fields = computed_fields(tuple(fields)) if fields is not None else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._handlers: dict[str, Handler] | None = None
         self._pools: set[Pool] = set()
@@ -119,7 +134,7 @@ class Runner:
     async def __aenter__(self) -> Runner:
         stack = contextlib.AsyncExitStack()
         try:
-            handlers = await build_handlers(self.settings, stack)
+            handlers = await build_handlers(self.settings, stack, fields=self._fields)
         except BaseException:
             await stack.aclose()
             raise
@@ -157,6 +172,7 @@ class Runner:
             emit=emit,
             concurrency=self.settings.concurrency,
             policy=retry_policy(self.settings),
+            fields=self._fields,
         )
 
     async def execute(

@@ -320,7 +320,10 @@ class Run:
         self._writer.on_flush = lambda: self.stats.absorb(unflushed)
         try:
             with shutdown.stop_signals(self._on_signal):
-                async with Runner(self.settings, observer=self.observer) as runner:
+                # Only the fields --fields writes are computed for each result (engine.py).
+                async with Runner(
+                    self.settings, observer=self.observer, fields=opts.fields
+                ) as runner:
                     self._pool = runner.pool(emit=self._emit)
                     shutdown.replay(self._on_signal)
                     if opened.nothing_left:  # every job is done: the file is not read again

@@ -261,6 +261,13 @@ async def headers(request: web.Request) -> web.Response:
     return resp
 
 
+async def content_types(request: web.Request) -> web.Response:
+    """Two Content-Type headers: a result line joins them, in order."""
+    resp = web.Response(text="t\n", content_type="text/plain")
+    resp.headers.add("content-type", "text/x-second")
+    return resp
+
+
 async def many_headers(request: web.Request) -> web.Response:
     resp = web.Response(text="h\n")
     for i in range(int(request.query.get("n", "200"))):
@@ -304,6 +311,7 @@ def make_app() -> web.Application:
             web.get("/not-json", not_json),
             web.get("/headers", headers),
             web.get("/many-headers", many_headers),
+            web.get("/content-types", content_types),
             web.get("/slow", slow),
         ]
     )
