@@ -43,6 +43,7 @@ import time
 from email.utils import formatdate
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.peers.base import AppThread
 
@@ -263,9 +264,8 @@ async def headers(request: web.Request) -> web.Response:
 
 async def content_types(request: web.Request) -> web.Response:
     """Two Content-Type headers: a result line joins them, in order."""
-    resp = web.Response(text="t\n", content_type="text/plain")
-    resp.headers.add("content-type", "text/x-second")
-    return resp
+    types = [("Content-Type", "text/plain"), ("content-type", "text/x-second")]
+    return web.Response(body=b"t\n", headers=CIMultiDict(types))
 
 
 async def many_headers(request: web.Request) -> web.Response:
