@@ -17,6 +17,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
 )
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from .http import HttpHandler
 from .jobs import HttpJob, InvalidJob, JobParser, MailJob
 from .pool import Pool, RetryPolicy
 from .results import Handler, Outcome, Result
+from .shaping import computed_fields
 
 JobInput = dict[str, Any] | HttpJob | MailJob
 """A job as a JSON-like dict (the job-file format) or a validated HttpJob / MailJob."""
@@ -49,10 +51,14 @@ async def build_handlers(
     stack: contextlib.AsyncExitStack,
     *,
     forecast: HostForecast | None = None,
+    fields: frozenset[str] | None = None,
 ) -> dict[str, Handler]:
-    """One handler per job kind, each closed when ``stack`` closes."""
+    """One handler per job kind, each closed when ``stack`` closes; ``fields``: the result
+    fields they need to fill in (None: all)."""
     return {
-        "http": await stack.enter_async_context(HttpHandler(settings, forecast=forecast)),
+        "http": await stack.enter_async_context(
+            HttpHandler(settings, forecast=forecast, fields=fields)
+        ),
         "mail": _MailOnFirstUse(settings, stack),
     }
 
@@ -104,6 +110,10 @@ class Runner:
 
     Use as ``async with Runner(settings) as runner``. Leaving the block stops any run still in
     progress (its jobs in flight are cancelled) and closes every connection.
+
+    ``fields`` (``fetcher run --fields``): the only result fields that will be written; the
+    results then carry those and what a run reads itself (``shaping.computed_fields``), and
+    the others are never computed. None, the default: every field.
     """
 
     def __init__(
@@ -112,11 +122,13 @@ class Runner:
         *,
         observer: RunObserver | None = None,
         forecast: HostForecast | None = None,
+        fields: Collection[str] | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
         self._observer = observer
         #  The job file's requests per host still to come, for the idle pool (forecast.py).
         self._forecast = forecast
+        self._fields = computed_fields(tuple(fields)) if fields is not None else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._handlers: dict[str, Handler] | None = None
         self._pools: set[Pool] = set()
@@ -129,7 +141,9 @@ class Runner:
     async def __aenter__(self) -> Runner:
         stack = contextlib.AsyncExitStack()
         try:
-            handlers = await build_handlers(self.settings, stack, forecast=self._forecast)
+            handlers = await build_handlers(
+                self.settings, stack, forecast=self._forecast, fields=self._fields
+            )
         except BaseException:
             await stack.aclose()
             raise
@@ -167,6 +181,7 @@ class Runner:
             emit=emit,
             concurrency=self.settings.concurrency,
             policy=retry_policy(self.settings),
+            fields=self._fields,
         )
 
     async def execute(

@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable, Collection
 from email.utils import parsedate_to_datetime
 from functools import partial
 from pathlib import Path
@@ -141,7 +142,15 @@ def retry_after_seconds(value: str | None) -> float | None:
 class HttpHandler:
     """Runs HttpJob attempts through one shared session. Use as an async context manager."""
 
-    def __init__(self, settings: Settings, *, forecast: HostForecast | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        forecast: HostForecast | None = None,
+        fields: Collection[str] | None = None,
+    ) -> None:
+        """``fields``: the result fields to fill in (None: all of them); the others are never
+        computed (a projected run: shaping.computed_fields)."""
         self._settings = settings
         self._forecast = forecast
         self._timeout = settings.timeout
@@ -173,6 +182,10 @@ class HttpHandler:
         save = settings.save
         self._store = None if save.dir is None else BodyStore(save.dir, NameTemplate(save.name))
         self._warc: WarcWriter | None = None  # opened in __aenter__
+        #  A body streamed to disk or to a WARC takes every field: those paths read them.
+        streamed = self._store is not None or settings.warc.file is not None
+        self._kept = None if fields is None or streamed else _response_getters(fields)
+        self._hash = fields is None or "sha256" in fields or streamed
         self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
         self._socks_config = settings.proxy is not None and is_socks(settings.proxy)
         self._trace = settings.trace
@@ -390,11 +403,15 @@ class HttpHandler:
     async def _read(self, job: HttpJob, resp: aiohttp.ClientResponse) -> Outcome:
         max_bytes = self._max_bytes if job.max_bytes is None else job.max_bytes
         cap = max_bytes or None  # 0: no cap
-        fields = _response_fields(job, resp)
+        kept = self._kept
+        if kept is None:
+            fields = _response_fields(job, resp)
+        else:
+            fields = {name: get(job, resp) for name, get in kept}
         length = resp.content_length
         # Content-Length is the size on the wire; only without an encoding is it the body's size.
         # A HEAD response (and a 204 or 304) has no body, whatever its Content-Length says.
-        unencoded = "content-encoding" not in fields["headers"]
+        unencoded = "Content-Encoding" not in resp.headers
         bodiless = job.method == "HEAD" or resp.status in (204, 304)
         if cap is not None and length is not None and length > cap and unencoded and not bodiless:
             resp.close()
@@ -413,9 +430,10 @@ class HttpHandler:
             resp.close()  # drop the connection rather than drain a huge or endless body
             return _too_large(fields, max_bytes)
         fields["bytes"] = len(body)
-        fields["sha256"] = digest = hashlib.sha256(body).hexdigest()
-        if job.sha256 is not None and digest != job.sha256:
-            return _checksum_mismatch(fields, job.sha256, digest)
+        if self._hash or job.sha256 is not None:
+            fields["sha256"] = digest = hashlib.sha256(body).hexdigest()
+            if job.sha256 is not None and digest != job.sha256:
+                return _checksum_mismatch(fields, job.sha256, digest)
         if job.body != "none":
             _put_body(fields, job.body, body, resp.charset)
         return self._status_outcome(job, resp, fields)
@@ -615,14 +633,20 @@ def _empty_fields(job: HttpJob) -> dict[str, Any]:
     }
 
 
-def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    raw = resp.headers
+def _lowered(raw: Any) -> dict[str, str]:
+    """Response headers as a result line holds them: names lower-cased, a repeated header's
+    values joined in order."""
     headers = {name.lower(): value for name, value in raw.items()}
-    if len(headers) < len(raw):  # a repeated header: join its values, in order
+    if len(headers) < len(raw):
         headers = {}
         for name, value in raw.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
+def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    headers = _lowered(resp.headers)
     url = mask_url(job.url)
     final = resp.url
     return {
@@ -640,6 +664,38 @@ def _response_fields(job: HttpJob, resp: aiohttp.ClientResponse) -> dict[str, An
         "remote_addr": peer_text(getattr(resp, "peername", None)),
         "http_version": _version_text(resp.version),
     }
+
+
+def _final_url(job: HttpJob, resp: aiohttp.ClientResponse) -> str:
+    final = resp.url
+    return mask_url(job.url) if final is job.target else mask_url(str(final))
+
+
+def _content_type(job: HttpJob, resp: aiohttp.ClientResponse) -> str | None:
+    # As _lowered() has it, without copying every header: each value, joined in order.
+    values = resp.headers.getall("Content-Type", ())
+    return ", ".join(values) if values else None
+
+
+Getter = Callable[[HttpJob, aiohttp.ClientResponse], Any]
+#  Each response field of a result line on its own, for a run that writes only some of them
+#  (the full line is built at once, by _response_fields). ``bytes`` and ``sha256`` come with
+#  the body.
+_GETTERS: dict[str, Getter] = {
+    "url": lambda job, resp: mask_url(job.url),
+    "final_url": _final_url,
+    "method": lambda job, resp: job.method,
+    "status": lambda job, resp: resp.status,
+    "headers": lambda job, resp: _lowered(resp.headers),
+    "content_type": _content_type,
+    "redirects": lambda job, resp: len(resp.history),
+    "remote_addr": lambda job, resp: peer_text(getattr(resp, "peername", None)),
+    "http_version": lambda job, resp: _version_text(resp.version),
+}
+
+
+def _response_getters(fields: Collection[str]) -> tuple[tuple[str, Getter], ...]:
+    return tuple((name, get) for name, get in _GETTERS.items() if name in fields)
 
 
 #  Formatted once: the version of every response of a run is one of these.

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,7 +65,10 @@ class Pool:
         policy: RetryPolicy,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        fields: Collection[str] | None = None,
     ) -> None:
+        """``fields``: the result fields that will be read (None: all); ``started_at`` is
+        formatted only when it is one of them."""
         self._handlers = handlers
         self._emit = emit
         self._concurrency = concurrency
@@ -77,6 +80,7 @@ class Pool:
         self._workers: list[asyncio.Task[None]] = []
         self._stopped = False
         self.counters = PoolCounters()
+        self._stamp = fields is None or "started_at" in fields
 
     async def run(self, jobs: AsyncIterable[Any]) -> None:
         """Run every job from ``jobs``; items with ``to_result()`` (refused jobs) are emitted as is.
@@ -156,7 +160,7 @@ class Pool:
         handler = self._handlers[job.kind]
         retries = self._policy.retries if job.retries is None else job.retries
         counters = self.counters
-        started_at = utc_now_iso()
+        started_at = utc_now_iso() if self._stamp else None
         t0 = time.monotonic()
         attempts = 0
         counters.in_flight += 1

@@ -43,13 +43,16 @@ def ran(
     kind: str,
     *,
     attempts: int,
-    started_at: str,
+    started_at: str | None,
     elapsed_ms: float,
     error: JobError | None,
     fields: dict[str, Any],
     meta: Any = None,
 ) -> ResultLine:
-    """The line of a job that ran through the pool: the common fields, then the handler's."""
+    """The line of a job that ran through the pool: the common fields, then the handler's.
+
+    ``started_at`` is None only in a run whose written fields leave it out (shaping.py).
+    """
     result: ResultLine = {
         "id": job_id,
         "kind": kind,
@@ -59,6 +62,8 @@ def ran(
         "elapsed_ms": elapsed_ms,
         "error": None if error is None else error.to_dict(),
     }
+    if started_at is None:
+        del result["started_at"]
     result.update(fields)
     if meta is not None:
         result["meta"] = meta

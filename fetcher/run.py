@@ -322,8 +322,9 @@ class Run:
         self._writer.on_flush = lambda: self.stats.absorb(unflushed)
         try:
             with shutdown.stop_signals(self._on_signal):
+                # Only the fields --fields writes are computed for each result (engine.py).
                 async with Runner(
-                    self.settings, observer=self.observer, forecast=forecast
+                    self.settings, observer=self.observer, forecast=forecast, fields=opts.fields
                 ) as runner:
                     self._pool = runner.pool(emit=self._emit)
                     shutdown.replay(self._on_signal)

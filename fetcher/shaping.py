@@ -72,6 +72,10 @@ CSV_FIELDS = (
     "error_message",
 )
 
+#  What a run itself reads from every result, whatever ``--fields`` keeps: the summary and
+#  progress (ok, error, attempts, elapsed_ms), ``--metrics`` (kind, bytes), ``--since`` (status).
+RUN_FIELDS = frozenset({"id", "kind", "ok", "attempts", "elapsed_ms", "error", "status", "bytes"})
+
 FORMATS = ("jsonl", "csv")
 Encoder = Callable[[dict[str, Any]], bytes]
 _OPTS = orjson.OPT_APPEND_NEWLINE
@@ -89,6 +93,18 @@ def parse_fields(value: str | Sequence[str]) -> tuple[str, ...]:
             raise ValueError(f"unknown field {name!r} (known: {', '.join(sorted(KNOWN_FIELDS))})")
     kept = ["id", *(n for n in names if n != "id")]
     return tuple(dict.fromkeys(kept))
+
+
+def computed_fields(fields: Sequence[str] | None) -> frozenset[str] | None:
+    """The result fields a run that writes only ``fields`` has to compute: those, and what the
+    run itself reads (``RUN_FIELDS``). None (every field) when the whole line is written.
+
+    A projection is how a user makes a run as lean as a hand-written script: a field no one
+    reads (headers copied and lower-cased, a body's sha256, a formatted start time) is not made.
+    """
+    if fields is None:
+        return None
+    return RUN_FIELDS.union(fields)
 
 
 def output_format(output: str, fmt: str | None) -> str:

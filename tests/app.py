@@ -43,6 +43,7 @@ import time
 from email.utils import formatdate
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.peers.base import AppThread
 
@@ -261,6 +262,12 @@ async def headers(request: web.Request) -> web.Response:
     return resp
 
 
+async def content_types(request: web.Request) -> web.Response:
+    """Two Content-Type headers: a result line joins them, in order."""
+    types = [("Content-Type", "text/plain"), ("content-type", "text/x-second")]
+    return web.Response(body=b"t\n", headers=CIMultiDict(types))
+
+
 async def many_headers(request: web.Request) -> web.Response:
     resp = web.Response(text="h\n")
     for i in range(int(request.query.get("n", "200"))):
@@ -304,6 +311,7 @@ def make_app() -> web.Application:
             web.get("/not-json", not_json),
             web.get("/headers", headers),
             web.get("/many-headers", many_headers),
+            web.get("/content-types", content_types),
             web.get("/slow", slow),
         ]
     )

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
 
 import orjson
 import pytest
 
+from fetcher import Runner, Settings
 from fetcher.schema import HttpResult, MailResult, RefusedResult
-from fetcher.shaping import CSV_FIELDS, KNOWN_FIELDS, CsvEncoder, jsonl_encoder, parse_fields
+from fetcher.shaping import (
+    CSV_FIELDS,
+    KNOWN_FIELDS,
+    RESULT_FIELDS,
+    RUN_FIELDS,
+    CsvEncoder,
+    computed_fields,
+    jsonl_encoder,
+    parse_fields,
+)
 
 from .app import ServerThread
-from .test_e2e import fetcher, json_lines, write_jsonl
+from .test_e2e import by_id, fetcher, json_lines, write_jsonl
 
 
 def _jobs(tmp_path: Path, server: ServerThread, key: str) -> Path:
@@ -152,6 +163,108 @@ def test_processes_shape_the_merged_output(server: ServerThread, tmp_path: Path)
     rows = _read_csv(out)
     assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(6)]
     assert {r["ok"] for r in rows} == {"true"}
+
+
+# --- a projection computes only what it writes, and writes what the full line holds ------------
+
+#  Every field of an http line but those that differ from one run to the next.
+STABLE_FIELDS = [
+    name
+    for name in RESULT_FIELDS
+    if name not in ("started_at", "elapsed_ms", "timings", "redirect_chain", "tls")
+]
+
+
+def _varied_jobs(tmp_path: Path, server: ServerThread, key: str) -> Path:
+    digest = hashlib.sha256(b"hello\n").hexdigest()
+    return write_jsonl(
+        tmp_path / "varied.jsonl",
+        [
+            {"id": "plain", "url": f"{server.url}/ok"},
+            {"id": "redirected", "url": f"{server.url}/redirect/2"},
+            {"id": "headers", "url": f"{server.url}/headers"},
+            {"id": "two-types", "url": f"{server.url}/content-types"},
+            {"id": "gzip", "url": f"{server.url}/gzip"},
+            {"id": "status", "url": f"{server.url}/fail/{key}/404"},
+            {"id": "sha-ok", "url": f"{server.url}/ok", "sha256": digest},
+            {"id": "sha-bad", "url": f"{server.url}/ok", "sha256": "0" * 64},
+            {"id": "body", "url": f"{server.url}/json", "body": "json", "meta": [1]},
+            {"id": "head", "url": f"{server.url}/ok", "method": "HEAD"},
+            {"id": "refused", "url": "http://127.0.0.1:9/", "retries": 0},
+            {"id": "invalid", "url": "ftp://nowhere/"},
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["id", "ok", "status", "bytes", "elapsed_ms"],  # the yardstick's own
+        ["content_type", "status"],  # without the headers they come from
+        ["headers"],
+        ["bytes", "sha256", "error_type"],
+        ["url", "final_url", "method", "redirects", "remote_addr", "http_version"],
+        ["error_type", "error_message", "attempts", "kind", "meta", "body", "body_error"],
+        STABLE_FIELDS,
+    ],
+    ids=lambda fields: ",".join(fields) if len(fields) < 8 else "all-stable",
+)
+def test_a_projection_writes_the_values_of_the_full_line(
+    server: ServerThread, key: str, tmp_path: Path, fields: list[str]
+) -> None:
+    jobs = _varied_jobs(tmp_path, server, key)
+    full_run = fetcher("run", jobs, "--config", _no_retries(tmp_path))
+    projected_run = fetcher(
+        "run", jobs, "--config", _no_retries(tmp_path), "--fields", ",".join(fields)
+    )
+    assert full_run.returncode == projected_run.returncode == 1, projected_run.stderr.decode()
+    full = by_id(json_lines(full_run.stdout))
+    projected = by_id([orjson.loads(line) for line in projected_run.stdout.splitlines()])
+    assert set(projected) == set(full)
+    kept = parse_fields(fields)
+    derived = {"error_type": "type", "error_message": "message"}
+    for job_id, line in projected.items():
+        assert list(line) == list(kept)
+        whole = full[job_id]
+        for name in kept:
+            if name in derived:
+                expected = whole["error"] and whole["error"][derived[name]]
+            else:
+                expected = whole.get(name)
+            if name == "elapsed_ms":
+                assert isinstance(line[name], int | float) == isinstance(expected, int | float)
+            elif name == "headers" and expected is not None:  # the Date header moves on
+                assert {**line[name], "date": ""} == {**expected, "date": ""}, job_id
+            else:
+                assert line[name] == expected, (job_id, name)
+
+
+def _no_retries(tmp_path: Path) -> Path:
+    path = tmp_path / "no-retries.yaml"
+    path.write_text("retries: 0\ntimeout: 5\n")
+    return path
+
+
+async def test_a_projected_runner_leaves_out_what_it_does_not_write(server: ServerThread) -> None:
+    jobs = [
+        {"id": "a", "url": f"{server.url}/ok"},
+        {"id": "b", "url": f"{server.url}/ok", "sha256": "0" * 64},
+    ]
+    async with Runner(Settings(), fields=("id", "status")) as runner:
+        results = {r.id: r async for r in runner.run(jobs)}
+    a, b = results["a"], results["b"]
+    assert a.status == 200 and a.ok and a["bytes"] == 6
+    assert not {"headers", "sha256", "url", "content_type", "started_at"} & set(a)
+    # The job's own sha256 is still checked: the digest is computed for it.
+    assert b.error is not None and b.error["type"] == "checksum" and b["sha256"] is not None
+    async with Runner(Settings()) as runner:
+        [whole] = [r async for r in runner.run(jobs[:1])]
+    assert whole["sha256"] == hashlib.sha256(b"hello\n").hexdigest() and whole["headers"]
+
+
+def test_computed_fields_add_what_the_run_reads_itself() -> None:
+    assert computed_fields(None) is None
+    assert computed_fields(("id", "sha256")) == RUN_FIELDS | {"sha256"}
 
 
 # --- the encoders ------------------------------------------------------------------------------
