@@ -25,10 +25,11 @@ grows by an eighth; a remembered key forgotten without coming back means the roo
 needed, and the limit shrinks by one.
 
 A job file can say more than its past: with a ``forecast`` (forecast.py) the pool also knows,
-as a connection goes idle, whether its host has requests still to come. One whose host has none
-is closed at once (over a list of distinct hosts nothing idles at all); one whose host has more
-makes room for itself, growing ``idle_limit`` by one up to ``max_idle``, instead of pushing out
-another (so hosts that come back keep their connections from the first pass on). Connections the
+as a connection goes idle, whether its host has jobs still to come. One whose host has none is
+put first in line for eviction (its last job may still follow a redirect back to it); one whose
+host has more makes room for itself, growing ``idle_limit`` by one up to ``max_idle`` unless a
+finished host's connection can go instead (so hosts that come back keep their connections from
+the first pass on). Connections the
 forecast cannot speak for (hosts the file does not name as written, or before the count has
 got that far) are kept and evicted as without it.
 
@@ -44,7 +45,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest, ConnectionKey
+from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 
@@ -76,13 +77,6 @@ class BoundedConnector(aiohttp.TCPConnector):
         """Idle connections waiting for reuse (entries not yet found stale included)."""
         return len(self._idle)
 
-    async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
-    ) -> Connection:
-        if self.forecast is not None:
-            self.forecast.arrive(req.connection_key.host)
-        return await super().connect(req, traces, timeout)
-
     def _release(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
     ) -> None:
@@ -91,14 +85,18 @@ class BoundedConnector(aiohttp.TCPConnector):
         if not conns or conns[-1][0] is not protocol:
             return  # closed rather than kept (or the connector is closed)
         idle = self._idle
-        if self.forecast is not None:
-            ahead = self.forecast.ahead(key.host)
-            if ahead is False:
-                self._take_out(protocol, key)  # no request left for its host
-                return
-            if ahead and len(idle) >= self.idle_limit:
-                self.idle_limit = min(self.max_idle, self.idle_limit + 1)
         idle[protocol] = key
+        forecast = self.forecast
+        if forecast is not None:
+            ahead = forecast.ahead(key.host)
+            if ahead is False:
+                # No job left for its host, but the last one may still follow a redirect
+                # back to it: kept, first in line to go.
+                idle.move_to_end(protocol, last=False)
+            elif ahead and len(idle) > self.idle_limit:
+                first = next(iter(idle.values()))
+                if forecast.ahead(first.host) is not False:
+                    self.idle_limit = min(self.max_idle, self.idle_limit + 1)
         while len(idle) > self.idle_limit:
             self._evict(*idle.popitem(last=False))
 
@@ -114,6 +112,8 @@ class BoundedConnector(aiohttp.TCPConnector):
     def _evict(self, protocol: ResponseHandler, key: ConnectionKey) -> None:
         if not self._take_out(protocol, key):
             return  # already gone: reused, expired or closed by the peer
+        if self.forecast is not None and self.forecast.ahead(key.host) is False:
+            return  # its host is done: nothing to learn from this eviction
         evicted = self._evicted
         evicted[key] = None
         evicted.move_to_end(key)

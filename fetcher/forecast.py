@@ -7,9 +7,9 @@ closes nearly every connection before it learns that they would have served agai
 
 ``HostForecast`` is filled by the thread that counts a job file's jobs for the progress total
 (inputs.JobCount), from the same blocks and with one more regex over them: the host of every
-``"url"`` of a JSONL file, of every line of a URL list. The connector tells it each request it
-is asked for (``arrive``) and asks, as a connection goes idle, whether its host has requests
-still to come (``ahead``).
+``"url"`` of a JSONL file, of every line of a URL list. The HTTP handler tells it each job it
+starts (``arrive``: once per attempt, not per redirect hop) and the connector asks, as a
+connection goes idle, whether its host has jobs still to come (``ahead``).
 
 It is a fixed table of 2**19 slots indexed by the host name's hash, each two 16-bit counters
 and a 16-bit fingerprint of the host (another part of the hash): 3 MiB whatever the number of
@@ -57,7 +57,7 @@ def _place(host: str) -> tuple[int, int]:
 
 
 class HostForecast:
-    """Per host, the requests the job file names minus those the connector was asked for."""
+    """Per host, the jobs the job file names minus those started."""
 
     def __init__(self) -> None:
         self._named = array("H", bytes(2 * SLOTS))
@@ -83,7 +83,7 @@ class HostForecast:
                 named[slot] += 1
 
     def arrive(self, host: str) -> None:
-        """A request to ``host`` reached the connector."""
+        """A job to ``host`` (as aiohttp keys its connections: ``URL.raw_host``) starts."""
         slot, print_ = _place(host)
         if self._owner[slot] == print_ and self._asked[slot] != _STUCK:
             self._asked[slot] += 1

@@ -323,6 +323,8 @@ class HttpHandler:
         # The host as written in the URL (IDNA-encoded): ``url.host`` decodes it again, through
         # the idna package, for every host past yarl's cache of 256 (~1 ms a job over 5,000 hosts).
         host = url.raw_host or ""
+        if self._forecast is not None:
+            self._forecast.arrive(host)
         if self._rate.interval:
             await self._rate.acquire(host)
         if self._limit_hosts:
