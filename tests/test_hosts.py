@@ -18,6 +18,7 @@ from fetcher.fdlimit import DEFAULT_MAX_IDLE, RESERVE, fit_open_files, idle_boun
 from fetcher.forecast import SLOTS, HostForecast, host_of
 from fetcher.http import Resolver
 
+from .helpers import FETCHER
 from .test_e2e import clean_env, json_lines
 
 HOSTS = [f"h{i}.hosts.test" for i in range(60)]
@@ -241,8 +242,18 @@ def test_the_soft_limit_is_raised_to_the_hard_one() -> None:
 
 
 def run_many_hosts(
-    tmp_path: Path, base_url: str, soft: int, hard: int, hosts: int = 400, jobs: int = 1200
+    tmp_path: Path,
+    base_url: str,
+    limits: tuple[int, int] | None,
+    hosts: int = 400,
+    jobs: int = 1200,
+    *,
+    path: str = "/ok",
+    concurrency: int = 100,
+    body: str = "none",
 ) -> tuple[list[dict[str, object]], str, int]:
+    """``jobs`` jobs over ``hosts`` pinned names, one pass after another, at the open-file
+    ``limits`` (soft, hard) given."""
     port = int(base_url.rsplit(":", 1)[1])
     names = [f"h{i}.many.test" for i in range(hosts)]
     config = tmp_path / "pins.yaml"
@@ -250,17 +261,23 @@ def run_many_hosts(
     job_file = tmp_path / "jobs.jsonl"
     job_file.write_bytes(
         b"".join(
-            orjson.dumps({"id": str(i), "url": f"http://{names[i % hosts]}:{port}/ok"}) + b"\n"
+            orjson.dumps(
+                {"id": f"{i}", "url": f"http://{names[i % hosts]}:{port}{path}", "body": body}
+            )
+            + b"\n"
             for i in range(jobs)
         )
     )
+    command = [*FETCHER, "run", str(job_file), "-c", str(config), "-n", str(concurrency)]
     done = subprocess.run(
-        [sys.executable, "-m", "fetcher", "run", str(job_file), "-c", str(config), "-n", "100"],
+        command,
         capture_output=True,
         env=clean_env(),
         timeout=120,
         check=False,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        preexec_fn=None
+        if limits is None
+        else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits),
     )
     return json_lines(done.stdout), done.stderr.decode(), done.returncode
 
@@ -269,29 +286,10 @@ def test_a_run_connects_once_to_each_host_that_comes_back(tmp_path: Path, base_u
     # 150 hosts, each visited 3 times, one pass after another, at -n 5: an idle pool that only
     # learns from evictions would reconnect most hosts on the second pass; the job file says
     # they come back, so each host is connected once.
-    port = int(base_url.rsplit(":", 1)[1])
-    names = [f"h{i}.again.test" for i in range(150)]
-    config = tmp_path / "pins.yaml"
-    config.write_bytes(orjson.dumps({"resolve": dict.fromkeys(names, "127.0.0.1")}))
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_bytes(
-        b"".join(
-            orjson.dumps(
-                {"id": f"{i}", "url": f"http://{names[i % 150]}:{port}/peer", "body": "text"}
-            )
-            + b"\n"
-            for i in range(450)
-        )
+    results, stderr, code = run_many_hosts(
+        tmp_path, base_url, None, 150, 450, path="/peer", concurrency=5, body="text"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "fetcher", "run", str(job_file), "-c", str(config), "-n", "5"],
-        capture_output=True,
-        env=clean_env(),
-        timeout=120,
-        check=False,
-    )
-    results = json_lines(done.stdout)
-    assert done.returncode == 0, done.stderr.decode()
+    assert code == 0, stderr
     assert len(results) == 450
     assert all(r["ok"] for r in results)
     assert len({r["body"] for r in results}) == 150
@@ -299,7 +297,7 @@ def test_a_run_connects_once_to_each_host_that_comes_back(tmp_path: Path, base_u
 
 def test_hundreds_of_hosts_at_a_low_limit_all_succeed(tmp_path: Path, base_url: str) -> None:
     # soft = hard = 256: nothing to raise to, and -n 100 with its idle connections does not fit.
-    results, stderr, code = run_many_hosts(tmp_path, base_url, 256, 256)
+    results, stderr, code = run_many_hosts(tmp_path, base_url, (256, 256))
     assert "Too many open files" not in stderr
     assert [r for r in results if not r["ok"]] == []
     assert len(results) == 1200
@@ -310,7 +308,7 @@ def test_hundreds_of_hosts_at_a_low_limit_all_succeed(tmp_path: Path, base_url: 
 
 
 def test_a_low_soft_limit_is_raised_without_a_warning(tmp_path: Path, base_url: str) -> None:
-    results, stderr, code = run_many_hosts(tmp_path, base_url, 256, 4096)
+    results, stderr, code = run_many_hosts(tmp_path, base_url, (256, 4096))
     assert [r for r in results if not r["ok"]] == []
     assert len(results) == 1200
     assert code == 0
