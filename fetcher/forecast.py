@@ -11,14 +11,15 @@ closes nearly every connection before it learns that they would have served agai
 starts (``arrive``: once per attempt, not per redirect hop) and the connector asks, as a
 connection goes idle, whether its host has jobs still to come (``ahead``).
 
-It is a fixed table of 2**19 slots indexed by the host name's hash, each two 16-bit counters
-and a 16-bit fingerprint of the host (another part of the hash): 3 MiB whatever the number of
-hosts. A slot that a second host lands in is given up (both hosts unknown, below): counted as
-one, the first host would look unfinished until the second one is, and its connection kept for
-nothing. A counter that reaches 65,535 stays there (such a host is never taken as finished).
-A host the file does not name as written (a redirect's target, a name in Unicode that the
-connection knows in its IDNA form) is not known either, and the pool treats its connections as
-it would without a forecast.
+It is a table of slots indexed by the host name's hash, each two 16-bit counters and a 16-bit
+fingerprint of the host (another part of the hash), sized to the job file (one slot per 4
+bytes of it, about fifteen for each job) between 2**14 and 2**19 slots: at most 3 MiB whatever
+the number of hosts. A slot that a second host lands in is given up (both hosts unknown,
+below): counted as one, the first host would look unfinished until the second one is, and its
+connection kept for nothing. A counter that reaches 65,535 stays there (such a host is never
+taken as finished). A host the file does not name as written (a redirect's target, a name in
+Unicode that the connection knows in its IDNA form) is not known either, and the pool treats
+its connections as it would without a forecast.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import re
 from array import array
 from collections.abc import Iterable
 
-SLOTS = 1 << 19
-_MASK = SLOTS - 1
+MIN_SLOTS, MAX_SLOTS = 1 << 14, 1 << 19
 _STUCK = 0xFFFF
 _SHARED = 0xFFFF  # the fingerprint of a slot two hosts landed in (0: a slot still free)
 
@@ -50,19 +50,15 @@ def host_of(authority: bytes) -> str | None:
         return None
 
 
-def _place(host: str) -> tuple[int, int]:
-    """The slot of ``host`` and its fingerprint, from one hash: 1 to 65,534."""
-    h = hash(host)
-    return h & _MASK, (h >> 19) % 0xFFFE + 1
-
-
 class HostForecast:
     """Per host, the jobs the job file names minus those started."""
 
-    def __init__(self) -> None:
-        self._named = array("H", bytes(2 * SLOTS))
-        self._asked = array("H", bytes(2 * SLOTS))
-        self._owner = array("H", bytes(2 * SLOTS))
+    def __init__(self, file_size: int = 4 * MAX_SLOTS) -> None:
+        slots = min(MAX_SLOTS, max(MIN_SLOTS, 1 << (file_size // 4).bit_length()))
+        self.mask = slots - 1
+        self._named = array("H", bytes(2 * slots))
+        self._asked = array("H", bytes(2 * slots))
+        self._owner = array("H", bytes(2 * slots))
         #  Set once every line of the file is counted: only then can a host be finished.
         self.complete = False
 
@@ -73,7 +69,7 @@ class HostForecast:
             host = host_of(authority)
             if host is None:
                 continue
-            slot, print_ = _place(host)
+            slot, print_ = self._place(host)
             if owner[slot] != print_:
                 if owner[slot]:
                     owner[slot] = _SHARED
@@ -84,16 +80,21 @@ class HostForecast:
 
     def arrive(self, host: str) -> None:
         """A job to ``host`` (as aiohttp keys its connections: ``URL.raw_host``) starts."""
-        slot, print_ = _place(host)
+        slot, print_ = self._place(host)
         if self._owner[slot] == print_ and self._asked[slot] != _STUCK:
             self._asked[slot] += 1
 
     def ahead(self, host: str) -> bool | None:
         """Whether requests to ``host`` are still to come: None when the forecast cannot say."""
-        slot, print_ = _place(host)
+        slot, print_ = self._place(host)
         if self._owner[slot] != print_:
             return None  # not in the file (as written), or sharing its slot
         named = self._named[slot]
         if named == _STUCK or named > self._asked[slot]:
             return True
         return False if self.complete else None
+
+    def _place(self, host: str) -> tuple[int, int]:
+        """The slot of ``host`` and its fingerprint (1 to 65,534), from one hash."""
+        h = hash(host)
+        return h & self.mask, (h >> 20) % 0xFFFE + 1

@@ -160,7 +160,7 @@ class JobSource:
         """Each host's requests still to come (forecast.py), counted in the same background pass
         as the jobs: for a JSONL file or a URL list on disk, asked for before ``count``."""
         if self._count is None and self.format in URL_AUTHORITY and self.path != "-":
-            self._forecast = HostForecast()
+            self._forecast = HostForecast(os.path.getsize(self.path))
             self.count()
         return self._forecast
 

@@ -15,7 +15,7 @@ import pytest
 from fetcher.config import Settings
 from fetcher.connector import BoundedConnector
 from fetcher.fdlimit import DEFAULT_MAX_IDLE, RESERVE, fit_open_files, idle_bounds
-from fetcher.forecast import SLOTS, HostForecast, host_of
+from fetcher.forecast import HostForecast, host_of
 from fetcher.http import Resolver
 
 from .helpers import FETCHER
@@ -147,12 +147,12 @@ def test_two_hosts_in_one_slot_are_not_forecast() -> None:
     # Counted together, the first would look unfinished until the second is: both unknown.
     slots: dict[int, str] = {}
     i = 0
-    while (hash(host := f"h{i}.slot.test") & (SLOTS - 1)) not in slots:
-        slots[hash(host) & (SLOTS - 1)] = host
-        i += 1
-    first, second = slots[hash(host) & (SLOTS - 1)], host
-    alone = "alone.slot.test"
     forecast = HostForecast()
+    while (hash(host := f"h{i}.slot.test") & forecast.mask) not in slots:
+        slots[hash(host) & forecast.mask] = host
+        i += 1
+    first, second = slots[hash(host) & forecast.mask], host
+    alone = "alone.slot.test"
     forecast.add([first.encode(), second.encode(), alone.encode()])
     forecast.complete = True
     assert forecast.ahead(first) is None
@@ -285,14 +285,15 @@ def run_many_hosts(
 def test_a_run_connects_once_to_each_host_that_comes_back(tmp_path: Path, base_url: str) -> None:
     # 150 hosts, each visited 3 times, one pass after another, at -n 5: an idle pool that only
     # learns from evictions would reconnect most hosts on the second pass; the job file says
-    # they come back, so each host is connected once.
+    # they come back, so each host is connected once (give or take a host whose name shares
+    # the forecast's slot with another's, left to the pool alone).
     results, stderr, code = run_many_hosts(
         tmp_path, base_url, None, 150, 450, path="/peer", concurrency=5, body="text"
     )
     assert code == 0, stderr
     assert len(results) == 450
     assert all(r["ok"] for r in results)
-    assert len({r["body"] for r in results}) == 150
+    assert 150 <= len({r["body"] for r in results}) <= 155  # without the forecast: 291
 
 
 def test_hundreds_of_hosts_at_a_low_limit_all_succeed(tmp_path: Path, base_url: str) -> None:
