@@ -45,11 +45,12 @@ PARTIAL_DIR = ".fetcher-partial"
 #  Under --save the body is therefore taken READ_BYTES at a time: the reader stays paused until
 #  it is drained (aiohttp raises its low-water mark to the size read, so the session's
 #  read_bufsize must not be larger), holding about one read of the socket, and at most
-#  FLUSH_BYTES wait here for their trip to a thread. Smaller flushes mean more trips (CPU on
-#  the loop); 2,000 x 1 MiB at -n 100 (benchmarks/bench_save.py, case files) went from 154 MB
-#  to 97 MB peak RSS this way (docs/benchmarks.md).
-READ_BUFSIZE = 8 * 1024
-READ_BYTES = 8 * 1024
+#  FLUSH_BYTES wait here for their trip to a thread. Smaller reads and flushes mean more trips
+#  (CPU on the loop): 2,000 x 1 MiB at -n 100 (benchmarks/bench_save.py, case files) peaked at
+#  154 MB with readany(), 115 MB reading 32 KiB at a time (1.08 x the wall time), 97 MB reading
+#  8 KiB (1.50 x, CPU 1.69 x: more than the download's speed is worth; docs/benchmarks.md).
+READ_BUFSIZE = 32 * 1024
+READ_BYTES = 32 * 1024
 FLUSH_BYTES = 128 * 1024
 #  A part of a name longer than this many bytes is cut (most file systems' NAME_MAX).
 MAX_PART_BYTES = 255
