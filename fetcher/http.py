@@ -565,12 +565,12 @@ def _add_trace(
     fields: dict[str, Any], wire: Wire, history: tuple[aiohttp.ClientResponse, ...]
 ) -> None:
     """--trace: the final hop's phases, the hops before it, its TLS session."""
-    done = time.monotonic() if wire.headers is not None else None
+    done = time.monotonic_ns() if wire.headers is not None else None
     fields["timings"] = wire.timings(done)
     fields["redirect_chain"] = [
         {"url": mask_url(str(hop.url)), "status": hop.status} for hop in history
     ]
-    fields["tls"] = session_facts(wire.ssl_object)
+    fields["tls"] = None if wire.ssl_object is None else session_facts(wire.ssl_object)
 
 
 def _empty_fields(job: HttpJob) -> dict[str, Any]:
