@@ -68,8 +68,8 @@ from .wire import (
     TracedResponse,
     Wire,
     peer_text,
-    time_tcp_connected,
-    trace_config,
+    session_facts,
+    trace_connector,
 )
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -263,7 +263,9 @@ class HttpHandler:
                 resolver=self._resolver, socket_factory=self.policy.socket_factory, **options
             )
         if self._trace:
-            time_tcp_connected(connector)
+            # The connector's own steps note the phases (wire.py): no TraceConfig, whose
+            # dispatch alone costs every request more than the notes do.
+            trace_connector(connector)
         return aiohttp.ClientSession(
             connector=connector,
             # Jobs are independent: no cookie carries over from one to another.
@@ -277,8 +279,6 @@ class HttpHandler:
             auto_decompress=self._warc is None,
             # The peer's address is taken when each response starts (wire.py).
             response_class=TracedResponse if self._trace else PeerResponse,
-            # Only under --trace: trace callbacks run for every request of the session.
-            trace_configs=[trace_config()] if self._trace else None,
             trust_env=s.trust_env and not socks,
             proxy=None if socks else proxy,
             middlewares=middlewares,
@@ -341,7 +341,6 @@ class HttpHandler:
         if self._trace:
             wire = Wire()
             traced = CURRENT.set(wire)
-            options = {**options, "trace_request_ctx": wire}
         history: tuple[aiohttp.ClientResponse, ...] = ()
         session = self.session
         pinned = None  # the per-job session in use, let go at the end
@@ -611,12 +610,12 @@ def _add_trace(
     fields: dict[str, Any], wire: Wire, history: tuple[aiohttp.ClientResponse, ...]
 ) -> None:
     """--trace: the final hop's phases, the hops before it, its TLS session."""
-    done = time.monotonic() if wire.headers is not None else None
+    done = time.monotonic_ns() if wire.headers is not None else None
     fields["timings"] = wire.timings(done)
     fields["redirect_chain"] = [
         {"url": mask_url(str(hop.url)), "status": hop.status} for hop in history
     ]
-    fields["tls"] = wire.tls
+    fields["tls"] = None if wire.ssl_object is None else session_facts(wire.ssl_object)
 
 
 def _empty_fields(job: HttpJob) -> dict[str, Any]:

@@ -5,32 +5,42 @@ phases of an attempt and the TLS session that carried it.
 response starts: aiohttp lets go of the connection as soon as a small body is in, before
 ``request()`` even returns.
 
-``--trace`` adds an ``aiohttp.TraceConfig`` to the session (only then: its callbacks run for every
-request, so a run without ``--trace`` pays nothing). One ``Wire`` per attempt collects the
-moments of the final hop (a redirect starts a new hop):
+``--trace`` notes its moments from the connector's own steps and the transport's own info,
+not from an ``aiohttp.TraceConfig``: a session with a TraceConfig, even an empty one, builds
+every signal's parameters (and a URL with its query) on every request, listener or not, which
+alone cost 4-6 % of a run of small pages. The hooks are installed only under ``--trace``
+(``trace_connector``), so a run without it pays nothing. One ``Wire`` per attempt, found
+through a context variable (every hook runs in the request's task, or in a task it started),
+collects the moments of the final hop:
 
-    hop start ─ dns ─ connect ─ tls ─┬─ ttfb ─ download
-    (request or redirect)   reused ──┘
+    connect() ─ dns ─ connect ─ tls ─┬─ ready ─ ttfb ─ download
+    (each hop asks for a connection)  reused ─┘
 
-aiohttp reports a new connection as one event, TCP and TLS together. The boundary between the
-two is the moment the connector asks for the connection's protocol object, which the event loop
-does once the socket is connected and before the TLS handshake starts (also after an HTTP
-proxy's CONNECT, and after a SOCKS handshake). That call happens in the request's task, so
-the attempt's ``Wire`` is found through a context variable.
+Each ``connect()`` starts a new hop: the first one, the one after a redirect, and aiohttp's own
+retry after a dropped keep-alive connection. A new connection is made in ``_create_connection``
+(its start), TCP and TLS together; the boundary between the two is the moment the connector
+asks for the connection's protocol object, which the event loop does once the socket is
+connected and before the TLS handshake starts (also after an HTTP proxy's CONNECT, and after
+a SOCKS handshake). ``dns`` is the resolver's call, made only on a miss of the DNS cache.
+The TLS facts are read once per connection (a reused one keeps its certificate), when the
+line is built.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-import time
+import weakref
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import SimpleNamespace
+from time import monotonic_ns
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 
 #  The attempt being traced in this task, if any.
@@ -58,58 +68,60 @@ class PeerResponse(aiohttp.ClientResponse):
         return await super().start(connection)
 
 
-class TracedResponse(PeerResponse):
-    """With --trace: also notes when the status line and headers were in, and the TLS
-    session of the connection (for the final hop, the last one noted wins)."""
+class TracedResponse(aiohttp.ClientResponse):
+    """With --trace: a PeerResponse that also notes when the status line and headers were in,
+    and the TLS session of the connection (for the final hop, the last one noted wins).
+    Not a subclass of PeerResponse: one coroutine frame less on every response."""
+
+    peername: Any = None
 
     async def start(self, connection: Connection) -> aiohttp.ClientResponse:
         # The transport before the headers are read: a small body lets it go in the meantime.
         transport = connection.transport
+        if transport is not None:
+            self.peername = transport.get_extra_info("peername")
         resp = await super().start(connection)
         wire = CURRENT.get()
         if wire is not None:
-            wire.headers = time.monotonic()
-            ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
-            wire.tls = None if ssl_object is None else tls_facts(ssl_object)
+            wire.headers = monotonic_ns()
+            wire.ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
         return resp
 
 
 @dataclass(slots=True)
 class Wire:
-    """Moments (``time.monotonic()``) of one attempt's current hop."""
+    """Moments (``time.monotonic_ns()``) of one attempt's current hop, and its TLS session."""
 
-    hop: float = field(default_factory=time.monotonic)
-    dns_start: float | None = None
-    dns_end: float | None = None
-    create_start: float | None = None
-    tcp_end: float | None = None
-    ready: float | None = None
-    headers: float | None = None
-    tls: dict[str, Any] | None = None
+    dns_start: int | None = None
+    dns_end: int | None = None
+    create_start: int | None = None
+    tcp_end: int | None = None
+    ready: int | None = None
+    headers: int | None = None
+    ssl_object: ssl.SSLObject | None = None
 
     def new_hop(self) -> None:
-        self.hop = time.monotonic()
         self.dns_start = self.dns_end = self.create_start = self.tcp_end = None
         self.ready = self.headers = None
-        self.tls = None
+        self.ssl_object = None
 
-    def timings(self, done: float | None) -> dict[str, float | None]:
+    def timings(self, done: int | None) -> dict[str, float | None]:
         """The phases of the hop in milliseconds, null for one that did not happen."""
         dns = connect = tls = ttfb = download = None
-        ready, headers = self.ready, self.headers
+        ready, headers, tcp_end = self.ready, self.headers, self.tcp_end
         if self.dns_start is not None and self.dns_end is not None:
-            dns = round((self.dns_end - self.dns_start) * 1000, 3)
+            dns = _ms(self.dns_start, self.dns_end)
         if self.create_start is not None:
             begin = self.dns_end if self.dns_end is not None else self.create_start
-            end = self.tcp_end if self.tcp_end is not None else ready
+            end = tcp_end if tcp_end is not None else ready
             if end is not None:
-                connect = round((end - begin) * 1000, 3)
-            if self.tls is not None and self.tcp_end is not None and ready is not None:
-                tls = round((ready - self.tcp_end) * 1000, 3)
-        if headers is not None:
-            ttfb = round((headers - (self.hop if ready is None else ready)) * 1000, 3)
+                connect = _ms(begin, end)
+            if self.ssl_object is not None and tcp_end is not None and ready is not None:
+                tls = _ms(tcp_end, ready)
+        if headers is not None and ready is not None:
+            ttfb = _ms(ready, headers)
             if done is not None:
-                download = round((done - headers) * 1000, 3)
+                download = _ms(headers, done)
         return {
             "dns_ms": dns,
             "connect_ms": connect,
@@ -119,59 +131,77 @@ class Wire:
         }
 
 
-#  The callbacks: ``trace_request_ctx`` is the attempt's Wire, or None for a request of
-#  fetcher's own (robots.txt), which is not traced.
+def _ms(start: int, end: int) -> float:
+    """Nanoseconds to milliseconds with three decimals, in integers: ``round(x, 3)`` of a
+    float goes through its decimal digits, several times dearer on every line."""
+    return (end - start + 500) // 1000 / 1000
 
 
-async def _new_hop(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    if (wire := ctx.trace_request_ctx) is not None:
-        wire.new_hop()
+class _TimedResolver(AbstractResolver):
+    """The connector's resolver, noting the lookup's start and end in the attempt's Wire.
+    aiohttp calls it only on a miss of its DNS cache, in a task started by the first request
+    that missed (a copy of that request's context): requests that wait for the same lookup,
+    or find the answer cached, have no ``dns`` phase."""
+
+    def __init__(self, resolver: AbstractResolver) -> None:
+        self._resolver = resolver
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        wire = CURRENT.get()
+        if wire is None:
+            return await self._resolver.resolve(host, port, family)
+        wire.dns_start = monotonic_ns()
+        try:
+            return await self._resolver.resolve(host, port, family)
+        finally:
+            wire.dns_end = monotonic_ns()
+
+    async def close(self) -> None:
+        await self._resolver.close()
 
 
-async def _dns_start(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    if (wire := ctx.trace_request_ctx) is not None:
-        wire.dns_start = time.monotonic()
+def trace_connector(connector: aiohttp.TCPConnector) -> None:
+    """Make ``connector`` note the moments of each traced hop (see the module's docstring).
 
-
-async def _dns_end(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    if (wire := ctx.trace_request_ctx) is not None:
-        wire.dns_end = time.monotonic()
-
-
-async def _create_start(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    if (wire := ctx.trace_request_ctx) is not None:
-        wire.create_start = time.monotonic()
-
-
-async def _ready(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    if (wire := ctx.trace_request_ctx) is not None:
-        wire.ready = time.monotonic()
-
-
-def trace_config() -> aiohttp.TraceConfig:
-    """The session's TraceConfig under --trace: each callback notes one moment in the
-    request's ``Wire`` (passed as ``trace_request_ctx``; a new Wire is its first hop's start)."""
-    config = aiohttp.TraceConfig()
-    config.on_request_redirect.append(_new_hop)
-    config.on_dns_resolvehost_start.append(_dns_start)
-    config.on_dns_resolvehost_end.append(_dns_end)
-    config.on_connection_create_start.append(_create_start)
-    config.on_connection_create_end.append(_ready)
-    config.on_connection_reuseconn.append(_ready)
-    return config
-
-
-def time_tcp_connected(connector: aiohttp.BaseConnector) -> None:
-    """Make ``connector`` note the end of TCP connect (see the module's docstring)."""
+    The hooks wrap the instance's own steps (``connect``, ``_create_connection``, the protocol
+    factory, the resolver), so they work the same for every TCPConnector subclass, SOCKS
+    included, and cost one ``ContextVar.get`` when the request is not traced (robots.txt)."""
+    connect = connector.connect
+    create_connection = connector._create_connection
     make_protocol = connector._factory
+
+    async def traced_connect(
+        req: ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        wire = CURRENT.get()
+        if wire is None:
+            return await connect(req, traces, timeout)
+        if wire.create_start is not None or wire.ready is not None:
+            wire.new_hop()  # a hop before this one got as far as the connector: forget it
+        conn = await connect(req, traces, timeout)
+        wire.ready = monotonic_ns()  # from the pool, or new: the request can be sent
+        return conn
+
+    async def traced_create_connection(
+        req: ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        wire = CURRENT.get()
+        if wire is not None:
+            wire.create_start = monotonic_ns()
+        return await create_connection(req, traces, timeout)
 
     def factory() -> Any:
         wire = CURRENT.get()
         if wire is not None:
-            wire.tcp_end = time.monotonic()
+            wire.tcp_end = monotonic_ns()
         return make_protocol()
 
+    connector.connect = traced_connect  # type: ignore[method-assign]
+    connector._create_connection = traced_create_connection  # type: ignore[method-assign]
     connector._factory = factory  # type: ignore[assignment]
+    connector._resolver = _TimedResolver(connector._resolver)
 
 
 # -- TLS ------------------------------------------------------------------------------------------
@@ -188,6 +218,23 @@ _SHORT_NAMES = {
     "domainComponent": "DC",
     "userId": "UID",
 }
+
+
+#  The facts of each TLS session seen, for as long as its connection lives: read once, not on
+#  every request the connection carries.
+_SESSIONS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def session_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> dict[str, Any] | None:
+    """``tls_facts`` of the connection's session (null for plain http), each result its own
+    copy: a result line's fields are the caller's to change."""
+    if ssl_object is None:
+        return None
+    facts = _SESSIONS.get(ssl_object)
+    if facts is None:
+        facts = _SESSIONS[ssl_object] = tls_facts(ssl_object)
+    cert = facts["cert"]
+    return {**facts, "cert": None if cert is None else {**cert, "san": list(cert["san"])}}
 
 
 def tls_facts(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:

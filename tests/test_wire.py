@@ -142,6 +142,59 @@ def test_trace_with_verification_off_has_a_session_but_no_decoded_certificate(
     assert tls["version"] and tls["cipher"] and tls["cert"] is None
 
 
+def test_a_reused_connection_keeps_its_tls_session_and_has_no_connect_phases(
+    tmp_path: Path, https_origin: Origin, ca: trustme.CA
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    url = f"https://wire.test:{https_origin.port}"
+    # One at a time: the second job takes the connection the first one let go.
+    results = run(
+        tmp_path,
+        [{"id": "first", "url": f"{url}/peer"}, {"id": "second", "url": f"{url}/peer"}],
+        "--trace",
+        "-n",
+        "1",
+        config=f"tls:\n  ca_bundle: {ca_file}\nresolve:\n  wire.test: 127.0.0.1\n",
+    )
+    first, second = results["first"], results["second"]
+    first_t, second_t = first["timings"], second["timings"]
+    assert all(isinstance(first_t[name], float) for name in PHASES), first_t
+    assert second_t["dns_ms"] is None  # in the DNS cache
+    assert second_t["connect_ms"] is None and second_t["tls_ms"] is None, second_t
+    assert second_t["ttfb_ms"] >= 0 and second_t["download_ms"] >= 0
+    assert second["tls"] == first["tls"] and second["tls"]["cert"]["subject"]
+
+
+def test_results_of_one_connection_do_not_share_their_tls_facts(
+    https_origin: Origin, ca: trustme.CA, tmp_path: Path
+) -> None:
+    from fetcher import Settings, run_sync
+    from fetcher.config import TlsSettings
+
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    settings = Settings(trace=True, concurrency=1, retries=0, tls=TlsSettings(ca_bundle=ca_file))
+    jobs = [{"id": str(i), "url": f"{https_origin.url}/ok"} for i in range(2)]
+    first, second = sorted(run_sync(jobs, settings), key=lambda r: r.id)
+    assert first["timings"]["connect_ms"] is not None and second["timings"]["connect_ms"] is None
+    san = list(second["tls"]["cert"]["san"])
+    first["tls"]["cert"]["san"].append("changed.test")
+    first["tls"]["cert"]["subject"] = "CN=changed"
+    first["tls"]["version"] = "changed"
+    assert second["tls"]["cert"]["san"] == san
+    assert second["tls"]["cert"]["subject"] != "CN=changed"
+    assert second["tls"]["version"] != "changed"
+
+
+def test_trace_of_a_refused_connection_has_no_phase(tmp_path: Path) -> None:
+    results = run(tmp_path, [{"id": "no", "url": "http://127.0.0.1:1/"}], "--trace")
+    r = results["no"]
+    assert r["error"]["type"] == "connect"
+    assert r["timings"] == dict.fromkeys(PHASES)
+    assert r["redirect_chain"] == [] and r["tls"] is None
+
+
 def test_not_after_is_utc() -> None:
     from fetcher.wire import cert_facts
 
