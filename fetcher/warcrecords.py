@@ -283,16 +283,7 @@ class Records:
             extra.append(("WARC-Payload-Digest", digest))
             extra.append(("WARC-Block-Digest", sha1_digest(http.headers_buff, payload)))
             head = self._warc_headers("response", uri, date, extra)
-            w.write_record(
-                w.create_warc_record(
-                    uri,
-                    "response",
-                    payload=io.BytesIO(payload),
-                    length=len(payload),
-                    http_headers=http,
-                    warc_headers=head,
-                )
-            )
+            self._write_bytes(uri, "response", payload, http, head)
             if payload:
                 self._remember(digest, uri, date)
             return str(head.get_header("WARC-Record-ID"))
@@ -380,15 +371,21 @@ class Records:
                 ("WARC-Block-Digest", sha1_digest(http.headers_buff, body)),
             ],
         )
-        record = self._writer.create_warc_record(
-            uri,
-            "request",
-            payload=io.BytesIO(body),
-            length=len(body),
-            http_headers=http,
-            warc_headers=head,
+        self._write_bytes(uri, "request", body, http, head)
+
+    def _write_bytes(self, uri: str, kind: str, payload: bytes, http: Any, head: Any) -> None:
+        """One record whose payload is ``payload``, its headers and digests already made."""
+        w = self._writer
+        w.write_record(
+            w.create_warc_record(
+                uri,
+                kind,
+                payload=io.BytesIO(payload),
+                length=len(payload),
+                http_headers=http,
+                warc_headers=head,
+            )
         )
-        self._writer.write_record(record)
 
     def close(self) -> None:
         self._out.close()
