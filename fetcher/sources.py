@@ -159,9 +159,11 @@ class JobSource:
     def forecast(self) -> HostForecast | None:
         """Each host's requests still to come (forecast.py), counted in the same background pass
         as the jobs: for a JSONL file or a URL list on disk, asked for before ``count``."""
-        if self._count is None and self.format in URL_AUTHORITY and self.path != "-":
-            self._forecast = HostForecast(os.path.getsize(self.path))
-            self.count()
+        if self._count is None and self.format in URL_AUTHORITY:
+            descriptor = _descriptor(self._file)
+            if descriptor is not None and descriptor[1]:  # a pipe is not read twice
+                self._forecast = HostForecast(os.fstat(descriptor[0]).st_size)
+                self.count()
         return self._forecast
 
     def close(self) -> None:
