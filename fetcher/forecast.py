@@ -78,16 +78,20 @@ class HostForecast:
             if named[slot] != _STUCK:
                 named[slot] += 1
 
+    #  arrive() and ahead() run once a job on the loop: _place() is written out in each.
+
     def arrive(self, host: str) -> None:
         """A job to ``host`` (as aiohttp keys its connections: ``URL.raw_host``) starts."""
-        slot, print_ = self._place(host)
-        if self._owner[slot] == print_ and self._asked[slot] != _STUCK:
+        h = hash(host)
+        slot = h & self.mask
+        if self._owner[slot] == (h >> 20) % 0xFFFE + 1 and self._asked[slot] != _STUCK:
             self._asked[slot] += 1
 
     def ahead(self, host: str) -> bool | None:
         """Whether requests to ``host`` are still to come: None when the forecast cannot say."""
-        slot, print_ = self._place(host)
-        if self._owner[slot] != print_:
+        h = hash(host)
+        slot = h & self.mask
+        if self._owner[slot] != (h >> 20) % 0xFFFE + 1:
             return None  # not in the file (as written), or sharing its slot
         named = self._named[slot]
         if named == _STUCK or named > self._asked[slot]:

@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiohttp_socks
 import orjson
-import python_socks
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.compression_utils import (
@@ -57,8 +55,7 @@ from .save import (
     name_values,
     safe_name,
 )
-from .socks import PolicedSocksConnector, SocksSessions, is_socks
-from .socks import connector_options as socks_options
+from .socks import SocksSessions, is_socks, socks_error_kind
 from .tls import ssl_context
 from .warc import Hop, RawSpool, WarcWriter, target_uri
 from .warc import discard as discard_hops
@@ -186,6 +183,9 @@ class HttpHandler:
         streamed = self._store is not None or settings.warc.file is not None
         self._kept = None if fields is None or streamed else _response_getters(fields)
         self._hash = fields is None or "sha256" in fields or streamed
+        #  Taking the peer's address (remote_addr, WARC-IP-Address) as each response starts
+        #  costs a coroutine frame per response: skipped when no kept field needs it.
+        self._peer = self._kept is None or "remote_addr" in dict(self._kept)
         self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
         self._socks_config = settings.proxy is not None and is_socks(settings.proxy)
         self._trace = settings.trace
@@ -255,6 +255,10 @@ class HttpHandler:
         socks = proxy is not None and is_socks(proxy)
         connector: BoundedConnector
         if proxy is not None and socks:
+            # Imported with the first SOCKS proxy: a run without one never loads aiohttp-socks.
+            from .socksconnector import PolicedSocksConnector
+            from .socksconnector import connector_options as socks_options
+
             connector = PolicedSocksConnector(
                 policy=self.policy, resolve=self._addresses, **options, **socks_options(proxy)
             )
@@ -278,7 +282,13 @@ class HttpHandler:
             # A WARC keeps the bytes as they came (content-encoding and all): _Decoder decodes.
             auto_decompress=self._warc is None,
             # The peer's address is taken when each response starts (wire.py).
-            response_class=TracedResponse if self._trace else PeerResponse,
+            response_class=(
+                TracedResponse
+                if self._trace
+                else PeerResponse
+                if self._peer
+                else aiohttp.ClientResponse
+            ),
             trust_env=s.trust_env and not socks,
             proxy=None if socks else proxy,
             middlewares=middlewares,
@@ -575,7 +585,7 @@ class HttpHandler:
             fields.setdefault("path", None)
         proxy = (
             self._proxy_of(job.target, job)
-            if isinstance(exc, (aiohttp.ClientHttpProxyError, *SOCKS_ERRORS))
+            if isinstance(exc, aiohttp.ClientHttpProxyError) or socks_error_kind(exc)
             else None
         )
         error, retryable, reached = classify(exc, timeout, proxy=proxy)
@@ -857,8 +867,9 @@ def classify(
     """
     if isinstance(exc, RobotsRefused):  # a redirect to a URL robots.txt disallows
         return exc.error, False, True
-    if isinstance(exc, SOCKS_ERRORS):
-        return _socks_failure(exc, proxy)
+    socks = socks_error_kind(exc)
+    if socks is not None:
+        return _socks_failure(exc, socks, proxy)
     if isinstance(exc, TimeoutError):  # our deadline, or aiohttp's own socket timeouts
         return JobError("timeout", f"no complete response within {timeout:g} s"), True, True
     if isinstance(exc, OSError) and is_blocked_error(exc):  # from the proxied-destination check
@@ -936,16 +947,6 @@ def classify(
     raise exc
 
 
-#  aiohttp-socks raises its own classes; python_socks' are what it converts (should one ever
-#  come through as it is).
-SOCKS_ERRORS = (
-    aiohttp_socks.ProxyError,
-    aiohttp_socks.ProxyConnectionError,
-    aiohttp_socks.ProxyTimeoutError,
-    python_socks.ProxyError,
-    python_socks.ProxyConnectionError,
-    python_socks.ProxyTimeoutError,
-)
 #  SOCKS5 replies that say the proxy could not reach the origin (general failure, network or
 #  host unreachable, connection refused, TTL expired): like an HTTP proxy's 502/503/504, worth
 #  another try. A ruleset refusal (2), an unsupported command or address type, a failed login
@@ -953,11 +954,11 @@ SOCKS_ERRORS = (
 SOCKS_RETRY_REPLIES = frozenset({1, 3, 4, 5, 6})
 
 
-def _socks_failure(exc: BaseException, proxy: str | None) -> tuple[JobError, bool, bool]:
+def _socks_failure(exc: BaseException, kind: str, proxy: str | None) -> tuple[JobError, bool, bool]:
     who = f"SOCKS proxy {proxy}" if proxy else "the SOCKS proxy"
-    if isinstance(exc, aiohttp_socks.ProxyTimeoutError | python_socks.ProxyTimeoutError):
+    if kind == "timeout":
         return JobError("timeout", f"{who} did not answer in time"), True, False
-    if isinstance(exc, aiohttp_socks.ProxyConnectionError | python_socks.ProxyConnectionError):
+    if kind == "connect":
         return JobError("connect", f"cannot connect to {who}"), True, False
     code = getattr(exc, "error_code", None)
     # python_socks' messages name the failure ("Host unreachable", "Username and password

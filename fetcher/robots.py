@@ -28,15 +28,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from protego import Protego
 from yarl import URL
 
 from .errors import JobError
 from .netpolicy import is_blocked_error
 from .wire import CURRENT
+
+if TYPE_CHECKING:
+    from protego import Protego
 
 MAX_BYTES = 500 * 1024
 MAX_ORIGINS = 10_000
@@ -149,6 +151,8 @@ class RobotsGate:
             return Rules(None, True, "")
         if status >= 300:  # redirected more than max_redirects allowed
             return Rules(None, True, "")
+        from protego import Protego  # loaded with the first robots.txt, not by every run
+
         parser = Protego.parse(body.decode("utf-8", errors="replace"))
         rules = Rules(parser, True, f"{where} disallows this URL")
         delay = parser.crawl_delay(self.agent)

@@ -5,8 +5,11 @@ A connector serves one proxy, so each SOCKS proxy a run uses gets a session of i
 like the run's main one (same headers, limits, TLS, middlewares): ``SocksSessions`` keeps them,
 at most ``MAX_PROXIES``, the least recently used idle one closed first.
 
+The connector itself (socksconnector.py) is imported with the first SOCKS proxy a run meets:
+a run without one never loads aiohttp-socks (about 65M instructions and 0.5 MB at start-up).
+
 The network policy through SOCKS: aiohttp-socks opens the socket to the proxy itself, so the
-policy's socket factory never sees it. ``PolicedSocksConnector`` checks the proxy's address
+policy's socket factory never sees it. its ``PolicedSocksConnector`` checks the proxy's address
 before each connection, and for the types that resolve names here (``socks5``, ``socks4``) the
 destination's addresses too. With ``socks5h`` / ``socks4a`` the proxy resolves the names: the
 policy then judges only the proxy's address, IP literals and pinned names (the middleware of
@@ -16,28 +19,15 @@ netpolicy.py), as for an HTTP proxy.
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp_socks import ProxyConnector, ProxyType
-from yarl import URL
 
-from .connector import BoundedConnector
-from .netpolicy import BlockedAddress, NetworkPolicy
-
-#  scheme -> (type, names resolved by the proxy)
-SCHEMES = {
-    "socks5": (ProxyType.SOCKS5, False),
-    "socks5h": (ProxyType.SOCKS5, True),
-    "socks4": (ProxyType.SOCKS4, False),
-    "socks4a": (ProxyType.SOCKS4, True),
-}
+#  scheme -> names resolved by the proxy
+SCHEMES = {"socks5": False, "socks5h": True, "socks4": False, "socks4a": True}
 MAX_PROXIES = 32
 
 
@@ -45,51 +35,21 @@ def is_socks(proxy: str) -> bool:
     return proxy.split(":", 1)[0].lower() in SCHEMES
 
 
-class PolicedSocksConnector(BoundedConnector, ProxyConnector):
-    """aiohttp-socks' connector, with the bounded idle pool and the network policy."""
-
-    def __init__(
-        self,
-        *,
-        policy: NetworkPolicy,
-        resolve: Callable[[str, int], Any],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self._policy = policy
-        self._lookup = resolve
-
-    async def _connect_via_proxy(
-        self,
-        host: str,
-        port: int,
-        ssl: ssl.SSLContext | None = None,
-        timeout: float | None = None,
-    ) -> tuple[asyncio.Transport, ResponseHandler]:
-        await self._check(self._proxy_host, self._proxy_port)
-        if not self._rdns:
-            # The names resolved here are resolved again by aiohttp-socks, from the same
-            # system resolver: the address checked is the address the proxy is asked for.
-            await self._check(host, port)
-        return await super()._connect_via_proxy(host, port, ssl=ssl, timeout=timeout)
-
-    async def _check(self, host: str, port: int) -> None:
-        try:
-            addresses = [host.strip("[]")] if _is_literal(host) else await self._lookup(host, port)
-        except OSError:
-            return  # aiohttp-socks reports the failed lookup itself
-        for address in addresses:
-            reason = self._policy.refusal(address)
-            if reason is not None:
-                raise BlockedAddress(address, reason)
-
-
-def _is_literal(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host.strip("[]"))
-    except OSError:
-        return False
-    return True
+def socks_error_kind(exc: BaseException) -> str | None:
+    """``"timeout"``, ``"connect"`` or ``"handshake"`` for an error of the SOCKS libraries,
+    None for any other. Their classes are looked up only if they are loaded: until then
+    nothing can have raised one."""
+    for name in ("aiohttp_socks", "python_socks"):
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        if isinstance(exc, module.ProxyTimeoutError):
+            return "timeout"
+        if isinstance(exc, module.ProxyConnectionError):
+            return "connect"
+        if isinstance(exc, module.ProxyError):
+            return "handshake"
+    return None
 
 
 @dataclass(slots=True)
@@ -139,18 +99,3 @@ class SocksSessions:
         sessions = [e.session for e in self._entries.values()]
         self._entries.clear()
         await asyncio.gather(*(s.close() for s in sessions), *self._closing)
-
-
-def connector_options(proxy: str) -> dict[str, Any]:
-    """``ProxyConnector`` keyword arguments of a SOCKS proxy URL (credentials included:
-    they never leave this dict)."""
-    url = URL(proxy)
-    proxy_type, rdns = SCHEMES[url.scheme.lower()]
-    return {
-        "proxy_type": proxy_type,
-        "host": url.host or "",
-        "port": url.port or 1080,
-        "username": url.user,
-        "password": url.password,
-        "rdns": rdns,
-    }
