@@ -346,6 +346,25 @@ _JOB_LINE = {
     "jsonl": re.compile(rb"^[ \t\r\f\v]*[^\s]", re.M),
     "urls": re.compile(rb"^[ \t\r\f\v]*[^\s#]", re.M),
 }
+#  A newline that ends a blank line (the line after it holds only white space up to the next).
+_BLANK_AFTER_NEWLINE = re.compile(rb"\n[ \t\r\f\v]*(?=\n)")
+_SPACE = b" \t\r\f\v"
+
+
+def count_json_lines(chunk: bytes) -> int:
+    """The lines of ``chunk`` (whole lines) that are not blank: ``_JOB_LINE["jsonl"]`` would
+    try a match at every byte; counting newlines and the blank lines after them is searched
+    from newline to newline, about a fifth of the time."""
+    if not chunk:
+        return 0
+    lines = chunk.count(b"\n") + (not chunk.endswith(b"\n"))
+    first_end = chunk.find(b"\n")
+    first = chunk if first_end < 0 else chunk[:first_end]
+    blank = len(_BLANK_AFTER_NEWLINE.findall(chunk)) + (not first.strip(_SPACE))
+    last_start = chunk.rfind(b"\n") + 1
+    if 0 < last_start < len(chunk) and not chunk[last_start:].strip(_SPACE):
+        blank += 1  # a blank last line with no newline after it
+    return lines - blank
 
 
 class JobCount:
@@ -431,8 +450,9 @@ class JobCount:
         if select is None:
             # One regex pass per 256 KiB, in C: the loop this thread shares the interpreter with
             # hardly notices it.
+            jsonl = self._format == "jsonl"
             for chunk in _whole_lines(chunks):
-                count += len(pattern.findall(chunk))
+                count += count_json_lines(chunk) if jsonl else len(pattern.findall(chunk))
                 if forecast is not None:
                     forecast.add(authorities.findall(chunk))
             return count

@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from fetcher.errors import ConfigError, JobFileError
-from fetcher.inputs import FirstLines, JobCount
+from fetcher.inputs import FirstLines, JobCount, count_json_lines
 from fetcher.jobs import HttpJob, InvalidJob, JobParser
 from fetcher.sources import Item, JobSource
 
@@ -274,6 +274,22 @@ def test_job_count_of_each_format(tmp_path: Path) -> None:
     assert settled(JobCount(str(jsonl), "jsonl", select=lambda n: n % 2 == 1)) == (10, True)
     assert settled(JobCount(str(jsonl), "jsonl", select=lambda n: n % 2 == 0)) == (0, True)
     assert JobCount("-", "jsonl").get() == (None, False)
+
+
+def test_counted_json_lines_are_the_lines_that_are_not_blank() -> None:
+    # Every mix of blank, white-space-only (\r, \v, \f, tab), BOM and job lines, with and
+    # without a newline at the end: the count is the lines a source turns into jobs.
+    pieces = [b'{"a": 1}', b"", b" ", b"\t", b"\r", b"\x0b\x0c", b" x", b"\xef\xbb\xbf{}", b"#"]
+    chunks = [b""]
+    for first in pieces:
+        for second in pieces:
+            for third in pieces[:4]:
+                for end in (b"", b"\n", b"\r\n"):
+                    chunks.append(b"\n".join((first, second, third)) + end)
+                    chunks.append(first + end)
+    for chunk in chunks:
+        expected = sum(1 for line in chunk.split(b"\n") if line.strip())
+        assert count_json_lines(chunk) == expected, chunk
 
 
 def test_a_job_file_that_is_a_named_pipe_is_read_once(tmp_path: Path, base_url: str) -> None:
