@@ -215,12 +215,12 @@ def remove_partials(root: Path) -> int:
 class BodyStore:
     """Where ``--save`` puts bodies: one per run (per process)."""
 
-    def __init__(self, root: Path, template: NameTemplate) -> None:
+    def __init__(self, root: Path, template: NameTemplate, *, read_size: int = READ_SIZE) -> None:
         self.root = root
         self.template = template
         self._partial = root / PARTIAL_DIR
         self._real_root = ""
-        self._read_buffer = memoryview(bytearray(READ_SIZE))
+        self._read_buffer = memoryview(bytearray(read_size))
         self._executor: ThreadPoolExecutor | None = None
         # Temporary names: one random part per run and a count, not a uuid4 per body (its
         # os.urandom lets go of the GIL, and the loop waits for a writer thread to give it back).
