@@ -49,7 +49,8 @@ PARTIAL_DIR = ".fetcher-partial"
 #  8 KiB at 1.5 x the wall time). Under --save a connection's socket is therefore read at most
 #  READ_SIZE bytes at a time (BoundedReads), the reader pauses above 2 x READ_BUFSIZE (about
 #  one such read), readany() takes each read as it is (no copy, no slice) and at most
-#  FLUSH_BYTES of them wait for their trip to a writer thread.
+#  FLUSH_BYTES of them wait for their trip to a writer thread: 78 MB peak for the same run, in
+#  0.76 x the CPU of 32 KiB reads. A 256 KiB flush, or 128 KiB reads, gave 94-95 MB.
 READ_SIZE = 64 * 1024
 READ_BUFSIZE = 16 * 1024
 FLUSH_BYTES = 128 * 1024
