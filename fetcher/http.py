@@ -16,7 +16,6 @@ import ssl
 import time
 from collections.abc import Callable, Collection
 from email.utils import parsedate_to_datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ from .results import Outcome
 from .robots import RobotsGate, RobotsRefused
 from .save import (
     READ_BUFSIZE,
-    READ_BYTES,
     BodyFile,
     BodyStore,
     NameTemplate,
@@ -309,6 +307,8 @@ class HttpHandler:
         if self._socks is not None:
             await self._socks.close()
         await self._resolver.close()
+        if self._store is not None:
+            self._store.close()
         if self._warc is not None:
             await self._warc.close()
 
@@ -490,12 +490,12 @@ class HttpHandler:
 
         try:
             content = resp.content
-            # To a file, READ_BYTES at a time: readany() would join all that is buffered
-            # into one more copy, and drain the reader at once, so that it refills while
-            # the copy is written (save.READ_BUFSIZE).
-            take_next = content.readany if file is None else partial(content.read, READ_BYTES)
+            if file is not None and store is not None:
+                # Reads of the socket no larger than save.READ_SIZE (save.READ_BUFSIZE says why).
+                connection = resp.connection
+                store.bound_reads(None if connection is None else connection.transport)
             fits = True
-            while fits and (raw := await take_next()):
+            while fits and (raw := await content.readany()):
                 if spool is not None:
                     await spool.write(raw)
                 room = 0 if cap is None else cap - size + 1

@@ -23,14 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import mimetypes
 import os
 import posixpath
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from yarl import URL
 
@@ -38,26 +41,69 @@ from .errors import ConfigError
 
 PARTIAL_DIR = ".fetcher-partial"
 #  What one download holds in memory is what aiohttp has buffered for it plus what it has read
-#  and not yet written; with -n 100 that is a hundred times over. With aiohttp's defaults it
-#  was ~1 MB a download: a 256 KiB read_bufsize lets a reader fill to 512 KiB before it pauses
-#  the socket, uvloop hands over up to 250 KB per read on top, readany() joined all of it into
-#  one more copy and, having drained the reader, let it refill while that copy was written.
-#  Under --save the body is therefore taken READ_BYTES at a time: the reader stays paused until
-#  it is drained (aiohttp raises its low-water mark to the size read, so the session's
-#  read_bufsize must not be larger), holding about one read of the socket, and at most
-#  FLUSH_BYTES wait here for their trip to a thread. Smaller reads and flushes mean more trips
-#  (CPU on the loop): 2,000 x 1 MiB at -n 100 (benchmarks/bench_save.py, case files) peaked at
-#  154 MB with readany(), 115 MB reading 32 KiB at a time (1.08 x the wall time), 97 MB reading
-#  8 KiB (1.50 x, CPU 1.69 x: more than the download's speed is worth; docs/benchmarks.md).
-READ_BUFSIZE = 32 * 1024
-READ_BYTES = 32 * 1024
+#  and not yet written; with -n 100 that is a hundred times over. aiohttp's reader pauses the
+#  socket only once it holds more than twice its read_bufsize, and then still holds every read
+#  of the socket whole until its last byte is taken; uvloop reads up to 256 KiB at a time, so
+#  ~300 KB a download sat in the reader whatever the read_bufsize (2,000 x 1 MiB at -n 100,
+#  benchmarks/bench_save.py case files: 115 MB peak reading 32 KiB at a time, 97 MB reading
+#  8 KiB at 1.5 x the wall time). Under --save a connection's socket is therefore read at most
+#  READ_SIZE bytes at a time (BoundedReads), the reader pauses above 2 x READ_BUFSIZE (about
+#  one such read), readany() takes each read as it is (no copy, no slice) and at most
+#  FLUSH_BYTES of them wait for their trip to a writer thread: 78 MB peak for the same run, in
+#  0.76 x the CPU of 32 KiB reads. A 256 KiB flush, or 128 KiB reads, gave 94-95 MB.
+READ_SIZE = 64 * 1024
+READ_BUFSIZE = 16 * 1024
 FLUSH_BYTES = 128 * 1024
+#  The threads that write and hash. On 2 shared CPUs (2,000 x 1 MiB at -n 100, alternating
+#  rounds) 4 took 0.90 x the wall time of 2 at 1.11 x the CPU (more GIL hand-overs), 1 took
+#  1.33 x: most of a write is the kernel's copy into the page cache, which threads share out.
+WRITER_THREADS = 4
 #  A part of a name longer than this many bytes is cut (most file systems' NAME_MAX).
 MAX_PART_BYTES = 255
 
 PLACEHOLDERS = frozenset({"id", "sha256", "host", "path", "ext", "status"})
 _FIELD = re.compile(r"\{(\w+)(?::(\d*):(\d*))?\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BoundedReads(asyncio.BufferedProtocol):
+    """Stands between a connection's transport and aiohttp's protocol under --save, so that
+    one read of the socket is at most ``len(buffer)`` bytes.
+
+    uvloop reads a socket into a 256 KiB buffer of its own and hands each read over whole;
+    aiohttp's reader then holds that whole read until the last byte of it is taken, whatever
+    its ``read_bufsize`` (it pauses the socket only after a read). A BufferedProtocol is
+    given no more per read than the buffer it offers; what the socket holds beyond that stays
+    in the kernel's buffer (no part of this process's memory) until the next read. The
+    buffer is shared by every connection of the loop: each read is copied out at once.
+    """
+
+    __slots__ = ("_buffer", "_inner")
+
+    def __init__(self, inner: asyncio.Protocol, buffer: memoryview) -> None:
+        self._inner = inner
+        self._buffer = buffer
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._inner.data_received(self._buffer[:nbytes].tobytes())
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 class SaveFailed(Exception):
@@ -172,11 +218,25 @@ def remove_partials(root: Path) -> int:
 class BodyStore:
     """Where ``--save`` puts bodies: one per run (per process)."""
 
-    def __init__(self, root: Path, template: NameTemplate) -> None:
+    def __init__(self, root: Path, template: NameTemplate, *, read_size: int = READ_SIZE) -> None:
         self.root = root
         self.template = template
         self._partial = root / PARTIAL_DIR
         self._real_root = ""
+        self._read_buffer = memoryview(bytearray(read_size))
+        self._writers = Writers(WRITER_THREADS)
+        # Temporary names: one random part per run and a count, not a uuid4 per body (its
+        # os.urandom lets go of the GIL, and the loop waits for a writer thread to give it back).
+        self._tmp_prefix = uuid.uuid4().hex
+        self._tmp_count = itertools.count()
+
+    def temporary_path(self) -> str:
+        return os.path.join(
+            self._partial, f"{os.getpid()}-{self._tmp_prefix}-{next(self._tmp_count)}.part"
+        )
+
+    def close(self) -> None:
+        self._writers.close()
 
     def prepare(self) -> None:
         prepare_dir(self.root)
@@ -184,6 +244,17 @@ class BodyStore:
 
     def open(self) -> BodyFile:
         return BodyFile(self)
+
+    def bound_reads(self, transport: asyncio.BaseTransport | None) -> None:
+        """From now on, read ``transport`` READ_SIZE bytes at a time at most (BoundedReads);
+        None (a body that came whole with its headers, the connection already let go) is
+        left alone. A connection keeps its BoundedReads for the jobs that reuse it."""
+        if transport is None or transport.is_closing():
+            return
+        inner = transport.get_protocol()
+        # aiohttp's ResponseHandler is a plain Protocol; a BoundedReads already there is not.
+        if isinstance(inner, asyncio.Protocol):
+            transport.set_protocol(BoundedReads(inner, self._read_buffer))
 
     def place(self, tmp: str, rel: str, size: int, digest: str) -> str:
         """Give the temporary file ``tmp`` its final name (sync: runs in a thread)."""
@@ -234,7 +305,7 @@ class BodyFile:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._fd = -1
-        self._tmp = os.path.join(store._partial, f"{os.getpid()}-{uuid.uuid4().hex}.part")
+        self._tmp = store.temporary_path()
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -244,7 +315,7 @@ class BodyFile:
         self._buffered += len(chunk)
         if self._buffered >= FLUSH_BYTES:
             chunks, self._chunks, self._buffered = self._chunks, [], 0
-            await _in_thread(self._write, chunks)
+            await self._store._writers.run(self._write, chunks)
 
     def _write(self, chunks: list[bytes]) -> None:
         if self._fd < 0:
@@ -263,7 +334,7 @@ class BodyFile:
         """Write what is left, then place the file under ``name(digest)``; a name of None
         (the job's checksum did not match) removes it instead. Returns (digest, path)."""
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        return await _in_thread(self._finish, chunks, name)
+        return await self._store._writers.run(self._finish, chunks, name)
 
     def _finish(
         self, chunks: list[bytes], name: Callable[[str], str | None]
@@ -285,7 +356,7 @@ class BodyFile:
     async def discard(self) -> None:
         self._chunks.clear()
         if self._fd >= 0:
-            await _in_thread(self._remove)
+            await self._store._writers.run(self._remove)
 
     def _remove(self) -> None:
         if self._fd >= 0:
@@ -295,20 +366,68 @@ class BodyFile:
             os.unlink(self._tmp)
 
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
+_Task = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 
 
-async def _in_thread(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """``func`` in a thread, run to its end even if the caller is cancelled meanwhile (a
-    write must not outlive the file descriptor it writes to); OSError becomes SaveFailed."""
-    future = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        raise
-    except SaveFailed:
-        raise
-    except OSError as exc:
-        raise SaveFailed(exc.strerror or type(exc).__name__) from None
+class Writers:
+    """Threads that run BodyFile's writes off the loop, each one run to its end even if the
+    caller is cancelled meanwhile (a write must not outlive the file descriptor it writes
+    to); OSError becomes SaveFailed.
+
+    A queue and one asyncio future a write: ``run_in_executor`` adds a concurrent future
+    chained to an asyncio one, a lock and the pool's own bookkeeping to each trip, which
+    cost the loop ~40 % more CPU a flush than this (and a flush is every FLUSH_BYTES).
+    """
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    async def run(self, func: Callable[..., _T], *args: Any) -> _T:
+        if not self._threads:  # started in the process that writes (after any fork)
+            for i in range(self._count):
+                thread = threading.Thread(target=self._work, name=f"save-{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._queue.put((loop, future, func, args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # seen: its error goes with the cancelled job
+            raise
+        except SaveFailed:
+            raise
+        except OSError as exc:
+            raise SaveFailed(exc.strerror or type(exc).__name__) from None
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            loop, future, func, args = task
+            try:
+                result, error = func(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a loop already closed
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

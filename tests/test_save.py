@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import random
 import resource
 import signal
+import ssl
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+import uvloop
 
-from fetcher.save import PARTIAL_DIR, NameTemplate, SaveFailed, safe_name
+from fetcher.save import PARTIAL_DIR, BodyStore, BoundedReads, NameTemplate, SaveFailed, safe_name
 
 from .app import GZIP_TEXT, blob_bytes
 from .helpers import FETCHER
+from .peers.origin import Origin
 from .test_e2e import by_id, clean_env, fetcher, json_lines, write_jsonl
 
 
@@ -328,3 +334,86 @@ def test_save_dir_that_cannot_be_made_stops_the_run(tmp_path: Path, base_url: st
     assert done.returncode == 2, done.stderr
     assert done.stderr.count(b"\n") == 1 and b"--save" in done.stderr
     assert os.path.isfile(blocker)
+
+
+def test_bodies_over_https_are_saved_whole_on_a_reused_connection(tmp_path: Path) -> None:
+    """The bounded reads go through the TLS layer too, and stay on a connection that serves
+    the next job (-n 1: one connection for all)."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    config = tmp_path / "tls.yaml"
+    config.write_text(f"timeout: 10\ntls:\n  ca_bundle: {ca_file}\n")
+    sizes = {"a": 3_000_001, "b": 70_000, "c": 1_500_000}
+    with Origin(ctx) as origin:
+        jobs = [
+            {"id": key, "url": f"{origin.url}/noise?size={size}&seed={key}"}
+            for key, size in sizes.items()
+        ]
+        jobs.append({"id": "gzip", "url": f"{origin.url}/gzip"})
+        jobs.append({"id": "chunked", "url": f"{origin.url}/huge?size=1000001&chunked=1"})
+        done, results, _ = run_save(tmp_path, jobs, "-n", "1", config=config)
+    assert done.returncode == 0, done.stderr
+    for key, size in sizes.items():
+        body = random.Random(key).randbytes(size)
+        assert results[key]["sha256"] == hashlib.sha256(body).hexdigest()
+        assert Path(results[key]["path"]).read_bytes() == body
+    assert Path(results["gzip"]["path"]).read_bytes() == GZIP_TEXT
+    assert Path(results["chunked"]["path"]).read_bytes() == b"z" * 1000001
+
+
+class _Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.eof = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.reads.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof.set_result(True)
+        return True  # keep the transport open: connection_lost must come from close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+async def _read_through_bounded_reads(size: int, buffer_size: int) -> _Recorder:
+    body = random.Random(size).randbytes(size)
+
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(body)
+        await writer.drain()
+        writer.write_eof()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(send, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        store = BodyStore(Path("unused"), NameTemplate("{id}"), read_size=buffer_size)
+        transport, recorder = await asyncio.get_running_loop().create_connection(
+            _Recorder, "127.0.0.1", port
+        )
+        store.bound_reads(transport)
+        store.bound_reads(transport)  # a reused connection keeps the one it has
+        assert isinstance(transport.get_protocol(), BoundedReads)
+        await asyncio.wait_for(recorder.eof, 10)
+        transport.close()
+        assert await asyncio.wait_for(recorder.lost, 10) is None
+    assert b"".join(recorder.reads) == body
+    return recorder
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_bounded_reads_hand_over_no_more_than_their_buffer_at_a_time(loop: str) -> None:
+    """uvloop alone hands over up to 256 KiB a read; through BoundedReads no read is larger
+    than the buffer, and every byte, the end of the stream and the close still arrive."""
+    size, buffer_size = 3 * 1024 * 1024, 20_000
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    recorder = runner(_read_through_bounded_reads(size, buffer_size))
+    assert max(len(r) for r in recorder.reads) <= buffer_size
+    assert len(recorder.reads) >= size // buffer_size
