@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import gzip
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from warcio.archiveiterator import ArchiveIterator
 
 from fetcher.schema import result_schema
 from fetcher.warc import repair
+from fetcher.warcrecords import RecordIds, warc_date
 
 from .app import GZIP_TEXT, blob_bytes
 from .helpers import FETCHER
@@ -124,6 +128,8 @@ def test_every_exchange_is_recorded_as_it_came_off_the_wire(tmp_path: Path, base
         r for r in requests if r.rec_headers.get_header("WARC-Target-URI") == f"{base_url}/ok"
     )
     assert secret.http_headers.get_header("Authorization") == "***"
+    # The request line as sent: warcio reads a request's method where a response has its protocol.
+    assert (secret.http_headers.protocol, secret.http_headers.statusline) == ("GET", "/ok HTTP/1.1")
     assert b"s3cret" not in warc.read_bytes()
     assert b"s3cret" not in gzip.decompress(warc.read_bytes())
 
@@ -438,3 +444,19 @@ def test_resume_waits_for_the_writer_still_holding_the_file(tmp_path: Path, base
     results = by_id(json_lines(out.read_bytes()))
     assert record_at(results["b"]["warc"]).payload == blob_bytes("b")
     assert_accepted(warc)
+
+
+def test_record_ids_are_random_uuids_and_dates_are_now() -> None:
+    ids = RecordIds()
+    made = [ids.next() for _ in range(1000)]
+    assert len(set(made)) == len(made)
+    for record_id in made:
+        assert record_id.startswith("<urn:uuid:") and record_id.endswith(">")
+        parsed = uuid.UUID(record_id[len("<urn:uuid:") : -1])
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    before = datetime.datetime.now(datetime.UTC)
+    stamp = warc_date()
+    after = datetime.datetime.now(datetime.UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    parsed_date = datetime.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=datetime.UTC)
+    assert before - datetime.timedelta(microseconds=1) <= parsed_date <= after
