@@ -70,7 +70,8 @@ class Hop:
     request_headers: list[tuple[str, str]]
     status_line: str  # "200 OK"
     protocol: str  # "HTTP/1.1"
-    response_headers: list[tuple[str, str]]
+    #  As they came, names and values in bytes (aiohttp's raw_headers): the writer joins them.
+    response_headers: tuple[tuple[bytes, bytes], ...]
     ip: str | None = None
     request_body: bytes = b""
     payload: RawSpool | None = None  # None: a redirect hop, body not read

@@ -235,10 +235,11 @@ def warc_date() -> str:
     return f"{_second_text}.{micros:06d}Z"
 
 
-def _headers_class() -> Any:
-    """warcio's ``StatusAndHeaders``, built from the pairs of strings we already have, and
-    with its block computed once: warcio's own constructor converts every pair again, and its
-    writer computes the block again for every record (we computed it for the digest)."""
+def _headers_classes() -> tuple[Any, Any]:
+    """warcio's ``StatusAndHeaders``, two ways. ``Headers``, a record's own WARC headers,
+    built from the pairs of strings we already have (warcio's constructor converts every
+    pair again). ``Block``, the HTTP headers, given as the bytes that went over the wire
+    (warcio would build them from pairs, for the digest and again for the record)."""
     from warcio.statusandheaders import StatusAndHeaders
 
     class Headers(StatusAndHeaders):  # type: ignore[misc]
@@ -248,10 +249,6 @@ def _headers_class() -> Any:
             self.protocol = protocol
             self.total_len = 0
             self.headers_buff = None
-
-        def compute_headers_buffer(self, header_filter: Any = None) -> None:
-            if self.headers_buff is None:
-                super().compute_headers_buffer(header_filter)
 
         # warcio's writer looks a record's headers up five or six times, each a scan that
         # lowers every name: the names it asks for are spelt as we wrote them, so an exact
@@ -271,7 +268,28 @@ def _headers_class() -> Any:
                     return old
             return super().replace_header(name, value)
 
-    return Headers
+    class Block(StatusAndHeaders):  # type: ignore[misc]
+        """An HTTP message's header block, its bytes given whole: what warcio's writer
+        writes of HTTP headers is the block alone (``headers_buff``)."""
+
+        def __init__(self, statusline: str, protocol: str, block: bytes) -> None:
+            self.statusline = statusline
+            self.headers: list[tuple[str, str]] = []
+            self.protocol = protocol
+            self.total_len = 0
+            self.headers_buff = block
+
+        def compute_headers_buffer(self, header_filter: Any = None) -> None:
+            pass
+
+    return Headers, Block
+
+
+def header_block(first_line: bytes, lines: list[bytes]) -> bytes:
+    """An HTTP message's start line and header lines, and the empty line that ends them."""
+    if not lines:
+        return first_line + b"\r\n\r\n"
+    return first_line + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 class Records:
@@ -284,7 +302,7 @@ class Records:
         and locked (warc.py opened it: a file that cannot be opened stops the run at once)."""
         from warcio.warcwriter import WARCWriter
 
-        self._headers = _headers_class()
+        self._headers, self._block = _headers_classes()
         self._record_id = RecordIds().next
         self._writer_class = WARCWriter
         self._max_size = max_size
@@ -350,9 +368,14 @@ class Records:
         return self._headers("", head, protocol="WARC/1.1")
 
     def _write_response(self, hop: tuple[Any, ...], fds: FdInbox, date: str) -> str:
-        uri, _, _, status_line, protocol, response_headers, ip, _, payload, announced = hop
+        uri, _, _, status_line, protocol, raw_headers, ip, _, payload, announced = hop
         w = self._writer
-        http = self._headers(status_line, response_headers, protocol=protocol)
+        # As received: the status line, then each header's name and value as aiohttp kept
+        # their bytes (raw_headers).
+        first = f"{protocol} {status_line}".encode("utf-8", "surrogateescape")
+        http = self._block(
+            status_line, protocol, header_block(first, list(map(b": ".join, raw_headers)))
+        )
         extra: list[tuple[str, str]] = [("WARC-IP-Address", ip)] if ip else []
         if payload is None:  # a redirect hop: its body was never read
             if announced:
@@ -368,7 +391,6 @@ class Records:
             digest = sha1_digest(payload)
             if payload and (seen := self._seen(digest)) is not None:
                 return self._write_revisit(uri, date, http, extra, digest, seen)
-            http.compute_headers_buffer(None)
             extra.append(("WARC-Payload-Digest", digest))
             extra.append(("WARC-Block-Digest", sha1_digest(http.headers_buff, payload)))
             head = self._warc_headers("response", uri, date, extra)
@@ -418,7 +440,6 @@ class Records:
         """A payload already recorded: the HTTP headers, and where the payload is. Its block
         is the headers alone."""
         w = self._writer
-        http.compute_headers_buffer(None)
         head = self._warc_headers(
             "revisit",
             uri,
@@ -438,15 +459,17 @@ class Records:
     def _write_request(self, hop: tuple[Any, ...], response_id: str, date: str) -> None:
         uri, request_line, request_headers, *_ = hop
         body: bytes = hop[7]
-        headers = [
-            (name, "***" if name.lower() in SECRET_HEADERS else value)
-            for name, value in request_headers
-        ]
-        # The request line as sent, "GET /path HTTP/1.1": warcio keeps a request's method
-        # where a response has its protocol.
+        lines = "".join(
+            [
+                f"{name}: ***\r\n" if name.lower() in SECRET_HEADERS else f"{name}: {value}\r\n"
+                for name, value in request_headers
+            ]
+        )
+        # As aiohttp sends them, in UTF-8. warcio keeps a request's method where a response
+        # has its protocol.
+        block = f"{request_line}\r\n{lines}\r\n".encode()
         method, _, target = request_line.partition(" ")
-        http = self._headers(target, headers, protocol=method)
-        http.compute_headers_buffer(None)
+        http = self._block(target, method, block)
         head = self._warc_headers(
             "request",
             uri,

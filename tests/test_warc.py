@@ -22,7 +22,7 @@ from warcio.archiveiterator import ArchiveIterator
 
 from fetcher.schema import result_schema
 from fetcher.warc import repair
-from fetcher.warcrecords import RecordIds, warc_date
+from fetcher.warcrecords import RecordIds, Records, warc_date
 
 from .app import GZIP_TEXT, blob_bytes
 from .helpers import FETCHER
@@ -460,3 +460,21 @@ def test_record_ids_are_random_uuids_and_dates_are_now() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
     parsed_date = datetime.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=datetime.UTC)
     assert before - datetime.timedelta(microseconds=1) <= parsed_date <= after
+
+
+def test_a_response_is_recorded_with_its_header_bytes_as_they_came(tmp_path: Path) -> None:
+    """Names as spelt, values in the bytes received (not latin-1 text made ASCII)."""
+    path = tmp_path / "raw.warc.gz"
+    raw = ((b"X-MiXeD", b"caf\xc3\xa9"), (b"Content-Length", b"2"))
+    hop = ("http://h/p", "GET /p HTTP/1.1", [("Host", "h")], "200 OK", "HTTP/1.1", raw)
+    hop += ("127.0.0.1", b"", b"hi", False)
+    with open(path, "wb") as out:
+        records_ = Records(path, 0, out, max_size=1 << 30, software="t")
+        ref = records_.write([hop], None)  # type: ignore[arg-type]
+        records_.close()
+    with open(path, "rb") as f:
+        f.seek(ref["offset"])
+        response = next(iter(ArchiveIterator(f, no_record_parse=True)))
+        block = response.raw_stream.read()
+    assert block == b"HTTP/1.1 200 OK\r\nX-MiXeD: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nhi"
+    assert_accepted(path)
