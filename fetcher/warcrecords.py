@@ -235,7 +235,7 @@ def warc_date() -> str:
     return f"{_second_text}.{micros:06d}Z"
 
 
-def _headers_classes() -> tuple[Any, Any]:
+def warcio_headers() -> tuple[Any, Any]:
     """warcio's ``StatusAndHeaders``, two ways. ``Headers``, a record's own WARC headers,
     built from the pairs of strings we already have (warcio's constructor converts every
     pair again). ``Block``, the HTTP headers, given as the bytes that went over the wire
@@ -267,6 +267,15 @@ def _headers_classes() -> tuple[Any, Any]:
                     headers[i] = (key, value)
                     return old
             return super().replace_header(name, value)
+
+        def to_str(self, filter_func: Any = None) -> str:
+            """warcio's text of the headers, joined in one call rather than a string added
+            to per header."""
+            if filter_func is not None:
+                return str(super().to_str(filter_func))
+            lines = "".join([f"{name}: {value}\r\n" for name, value in self.headers])
+            first = " ".join(part for part in (self.protocol, self.statusline) if part)
+            return f"{first}\r\n{lines}" if first else lines
 
     class Block(StatusAndHeaders):  # type: ignore[misc]
         """An HTTP message's header block, its bytes given whole: what warcio's writer
@@ -302,7 +311,7 @@ class Records:
         and locked (warc.py opened it: a file that cannot be opened stops the run at once)."""
         from warcio.warcwriter import WARCWriter
 
-        self._headers, self._block = _headers_classes()
+        self._headers, self._block = warcio_headers()
         self._record_id = RecordIds().next
         self._writer_class = WARCWriter
         self._max_size = max_size

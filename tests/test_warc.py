@@ -22,7 +22,7 @@ from warcio.archiveiterator import ArchiveIterator
 
 from fetcher.schema import result_schema
 from fetcher.warc import repair
-from fetcher.warcrecords import RecordIds, Records, warc_date
+from fetcher.warcrecords import RecordIds, Records, warc_date, warcio_headers
 
 from .app import GZIP_TEXT, blob_bytes
 from .helpers import FETCHER
@@ -478,3 +478,19 @@ def test_a_response_is_recorded_with_its_header_bytes_as_they_came(tmp_path: Pat
         block = response.raw_stream.read()
     assert block == b"HTTP/1.1 200 OK\r\nX-MiXeD: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nhi"
     assert_accepted(path)
+
+
+@pytest.mark.parametrize(
+    ("statusline", "protocol"), [("", "WARC/1.1"), ("200 OK", "HTTP/1.1"), ("", "")]
+)
+def test_record_headers_are_written_as_warcio_writes_them(statusline: str, protocol: str) -> None:
+    from warcio.statusandheaders import StatusAndHeaders
+
+    pairs = [("WARC-Type", "response"), ("WARC-Target-URI", "http://h/é"), ("Content-Length", "0")]
+    ours = warcio_headers()[0](statusline, list(pairs), protocol)
+    theirs = StatusAndHeaders(statusline, list(pairs), protocol=protocol)
+    assert ours.to_bytes() == theirs.to_bytes()
+    ours.replace_header("content-length", "5")
+    theirs.replace_header("content-length", "5")
+    assert ours.get_header("content-length") == theirs.get_header("content-length") == "5"
+    assert ours.to_bytes() == theirs.to_bytes()
