@@ -1,11 +1,11 @@
 """The WARC writer process: one series of WARC/1.1 files, its records built with warcio.
 
 warc.py (on the event loop) starts ``python -m fetcher.warcrecords`` and hands it the raw
-exchanges in batches through a pipe; this process builds the records (warcio: headers,
-digests) and writes them, then answers each batch with every exchange's ``{file, offset,
-length}``. Building a record costs a fraction of a millisecond of Python, and in a thread of
-the loop's own process that time was taken from the loop under the GIL: here it runs on the
-other core.
+exchanges in batches through a pipe; this process builds the records (their digests and
+header blocks from the bytes at hand, warcio's writer for the records) and writes them, then
+answers each batch with every exchange's ``{file, offset, length}``. Building a record costs
+a fraction of a millisecond of Python, and in a thread of the loop's own process that time was
+taken from the loop under the GIL: here it runs on the other core.
 
 The stream, both ways, is frames: a 4-byte big-endian length, then a pickle. To the writer, a
 frame is a list of exchanges, each a list of hops (the tuple ``warc.wire_hop`` builds); from
