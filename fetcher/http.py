@@ -813,7 +813,7 @@ def _hop(resp: aiohttp.ClientResponse, payload: RawSpool | None) -> Hop:
         request_headers=list(info.headers.items()),
         status_line=f"{resp.status} {resp.reason or ''}".rstrip(),
         protocol="HTTP/1.1" if version is None else f"HTTP/{version.major}.{version.minor}",
-        response_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers],
+        response_headers=resp.raw_headers,
         ip=_peer_ip(resp),
         payload=payload,
         announced_body=(length not in ("", "0")) or "Transfer-Encoding" in resp.headers,

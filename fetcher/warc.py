@@ -70,7 +70,8 @@ class Hop:
     request_headers: list[tuple[str, str]]
     status_line: str  # "200 OK"
     protocol: str  # "HTTP/1.1"
-    response_headers: list[tuple[str, str]]
+    #  As they came, names and values in bytes (aiohttp's raw_headers): the writer joins them.
+    response_headers: tuple[tuple[bytes, bytes], ...]
     ip: str | None = None
     request_body: bytes = b""
     payload: RawSpool | None = None  # None: a redirect hop, body not read
@@ -84,19 +85,21 @@ class RawSpool:
     def __init__(self, folder: Path, chunked: bool) -> None:
         self._folder = folder
         self._chunked = chunked
-        self._buffer = bytearray()
+        #  The chunks as they came, joined once: a small body, one chunk, is never copied.
+        self._chunks: list[bytes] = []
+        self._held = 0
         self._file: IO[bytes] | None = None
 
     async def write(self, chunk: bytes) -> None:
         if self._chunked:
-            self._buffer += b"%x\r\n" % len(chunk)
-            self._buffer += chunk
-            self._buffer += b"\r\n"
+            self._chunks += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
         else:
-            self._buffer += chunk
-        if len(self._buffer) >= SPOOL_BYTES:
-            data = bytes(self._buffer)
-            self._buffer.clear()
+            self._chunks.append(chunk)
+        self._held += len(chunk)
+        if self._held >= SPOOL_BYTES:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._held = 0
             await asyncio.to_thread(self._spill, data)
 
     def _spill(self, data: bytes) -> None:
@@ -109,8 +112,11 @@ class RawSpool:
         return self._file is not None
 
     def _tail(self) -> bytes:
-        tail = bytes(self._buffer) + (b"0\r\n\r\n" if self._chunked else b"")
-        self._buffer.clear()
+        if self._chunked:
+            self._chunks.append(b"0\r\n\r\n")
+        tail = b"".join(self._chunks)
+        self._chunks.clear()
+        self._held = 0
         return tail
 
     def payload(self) -> bytes:
@@ -389,6 +395,8 @@ _CREDENTIALS = re.compile(r"//[^/@]*@")
 
 def target_uri(url: str) -> str:
     """The URI a record names: never with a password in it."""
+    if "@" not in url:  # the common case, without the regular expression
+        return url
     return _CREDENTIALS.sub("//", url, count=1)
 
 

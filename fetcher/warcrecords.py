@@ -1,11 +1,11 @@
 """The WARC writer process: one series of WARC/1.1 files, its records built with warcio.
 
 warc.py (on the event loop) starts ``python -m fetcher.warcrecords`` and hands it the raw
-exchanges in batches through a pipe; this process builds the records (warcio: headers,
-digests) and writes them, then answers each batch with every exchange's ``{file, offset,
-length}``. Building a record costs a fraction of a millisecond of Python, and in a thread of
-the loop's own process that time was taken from the loop under the GIL: here it runs on the
-other core.
+exchanges in batches through a pipe; this process builds the records (their digests and
+header blocks from the bytes at hand, warcio's writer for the records) and writes them, then
+answers each batch with every exchange's ``{file, offset, length}``. Building a record costs
+a fraction of a millisecond of Python, and in a thread of the loop's own process that time was
+taken from the loop under the GIL: here it runs on the other core.
 
 The stream, both ways, is frames: a 4-byte big-endian length, then a pickle. To the writer, a
 frame is a list of exchanges, each a list of hops (the tuple ``warc.wire_hop`` builds); from
@@ -34,6 +34,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -44,6 +45,12 @@ from typing import IO, Any
 MAX_DIGESTS = 100_000
 SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 FRAME = struct.Struct(">I")
+#  A record's Content-Type, as warcio gives it (RecordBuilder.WARC_RECORDS).
+CONTENT_TYPES = {
+    "response": "application/http; msgtype=response",
+    "revisit": "application/http; msgtype=response",
+    "request": "application/http; msgtype=request",
+}
 MEMBER_HOLD = 1 << 16
 #  gzip: magic, deflate, no flags, no mtime, no extra flags, "unknown" OS (as zlib writes it).
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
@@ -187,6 +194,113 @@ def sha1_digest(*parts: bytes) -> str:
 EMPTY_DIGEST = sha1_digest(b"")
 
 
+class RecordIds:
+    """``WARC-Record-ID`` values: random (version 4) UUIDs, as warcio makes them, but from one
+    ``os.urandom`` call per 256 of them and formatted from the hex digits: a ``uuid.UUID``
+    object per record cost 12 us, two records an exchange."""
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+
+    def next(self) -> str:
+        if not self._ids:
+            self._ids = self._more(256)
+        return self._ids.pop()
+
+    @staticmethod
+    def _more(n: int) -> list[str]:
+        digits = os.urandom(16 * n).hex()
+        ids = []
+        for i in range(0, 32 * n, 32):
+            h = digits[i : i + 32]
+            # The version (4) and the variant (10xx) bits, as RFC 4122 sets them.
+            variant = "89ab"[int(h[16], 16) & 3]
+            ids.append(f"<urn:uuid:{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}>")
+        return ids
+
+
+_second = -1
+_second_text = ""
+
+
+def warc_date() -> str:
+    """Now, as ``WARC-Date`` holds it under WARC/1.1: UTC, to the microsecond. The seconds
+    are formatted once a second; warcio's datetime and isoformat cost 9 us a record."""
+    global _second, _second_text
+    now = time.time_ns() // 1000
+    second, micros = divmod(now, 1_000_000)
+    if second != _second:
+        _second = second
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_text}.{micros:06d}Z"
+
+
+def warcio_headers() -> tuple[Any, Any]:
+    """warcio's ``StatusAndHeaders``, two ways. ``Headers``, a record's own WARC headers,
+    built from the pairs of strings we already have (warcio's constructor converts every
+    pair again). ``Block``, the HTTP headers, given as the bytes that went over the wire
+    (warcio would build them from pairs, for the digest and again for the record)."""
+    from warcio.statusandheaders import StatusAndHeaders
+
+    class Headers(StatusAndHeaders):  # type: ignore[misc]
+        def __init__(self, statusline: str, headers: list[tuple[str, str]], protocol: str) -> None:
+            self.statusline = statusline
+            self.headers = headers
+            self.protocol = protocol
+            self.total_len = 0
+            self.headers_buff = None
+
+        # warcio's writer looks a record's headers up five or six times, each a scan that
+        # lowers every name: the names it asks for are spelt as we wrote them, so an exact
+        # match comes first, and the case-blind scan only when that finds nothing.
+        def get_header(self, name: str, default_value: Any = None) -> Any:
+            for key, value in self.headers:
+                if key == name:
+                    return value
+            return super().get_header(name, default_value)
+
+        def replace_header(self, name: str, value: str) -> Any:
+            headers = self.headers
+            for i in range(len(headers) - 1, -1, -1):
+                key, old = headers[i]
+                if key == name:
+                    headers[i] = (key, value)
+                    return old
+            return super().replace_header(name, value)
+
+        def to_str(self, filter_func: Any = None) -> str:
+            """warcio's text of the headers, joined in one call rather than a string added
+            to per header."""
+            if filter_func is not None:
+                return str(super().to_str(filter_func))
+            lines = "".join([f"{name}: {value}\r\n" for name, value in self.headers])
+            first = " ".join(part for part in (self.protocol, self.statusline) if part)
+            return f"{first}\r\n{lines}" if first else lines
+
+    class Block(StatusAndHeaders):  # type: ignore[misc]
+        """An HTTP message's header block, its bytes given whole: what warcio's writer
+        writes of HTTP headers is the block alone (``headers_buff``)."""
+
+        def __init__(self, statusline: str, protocol: str, block: bytes) -> None:
+            self.statusline = statusline
+            self.headers: list[tuple[str, str]] = []
+            self.protocol = protocol
+            self.total_len = 0
+            self.headers_buff = block
+
+        def compute_headers_buffer(self, header_filter: Any = None) -> None:
+            pass
+
+    return Headers, Block
+
+
+def header_block(first_line: bytes, lines: list[bytes]) -> bytes:
+    """An HTTP message's start line and header lines, and the empty line that ends them."""
+    if not lines:
+        return first_line + b"\r\n\r\n"
+    return first_line + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 class Records:
     """The WARC series being written: the current file, rotation, warcinfo, revisits."""
 
@@ -195,11 +309,10 @@ class Records:
     ) -> None:
         """``out``: the file at position ``index`` of the series of ``path``, open to append
         and locked (warc.py opened it: a file that cannot be opened stops the run at once)."""
-        from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
         from warcio.warcwriter import WARCWriter
 
-        self._headers = StatusAndHeaders
-        self._record_id = StatusAndHeadersParser.make_warc_id
+        self._headers, self._block = warcio_headers()
+        self._record_id = RecordIds().next
         self._writer_class = WARCWriter
         self._max_size = max_size
         self._software = software
@@ -215,7 +328,7 @@ class Records:
     def _use(self, out: IO[bytes]) -> None:
         self._out = out
         self._writer = self._writer_class(GzipMembers(out), gzip=False, warc_version="1.1")
-        self._date = self._writer.curr_warc_date
+        self._date = warc_date
 
     def _next_file(self) -> None:
         self._out.close()
@@ -250,20 +363,28 @@ class Records:
 
     def _warc_headers(self, kind: str, uri: str, date: str, fields: list[tuple[str, str]]) -> Any:
         """The record's own headers, built whole: warcio's record builder would otherwise
-        look each one up and replace it in a list, a few microseconds each."""
+        look each one up and replace it in a list, a few microseconds each. Content-Type and
+        Content-Length come last, where warcio's writer, which sets them, finds them first."""
         head = [
             ("WARC-Type", kind),
             ("WARC-Record-ID", self._record_id()),
             ("WARC-Date", date),
             ("WARC-Target-URI", uri),
             *fields,
+            ("Content-Type", CONTENT_TYPES[kind]),
+            ("Content-Length", "0"),  # warcio writes the record's length here
         ]
         return self._headers("", head, protocol="WARC/1.1")
 
     def _write_response(self, hop: tuple[Any, ...], fds: FdInbox, date: str) -> str:
-        uri, _, _, status_line, protocol, response_headers, ip, _, payload, announced = hop
+        uri, _, _, status_line, protocol, raw_headers, ip, _, payload, announced = hop
         w = self._writer
-        http = self._headers(status_line, response_headers, protocol=protocol)
+        # As received: the status line, then each header's name and value as aiohttp kept
+        # their bytes (raw_headers).
+        first = f"{protocol} {status_line}".encode("utf-8", "surrogateescape")
+        http = self._block(
+            status_line, protocol, header_block(first, list(map(b": ".join, raw_headers)))
+        )
         extra: list[tuple[str, str]] = [("WARC-IP-Address", ip)] if ip else []
         if payload is None:  # a redirect hop: its body was never read
             if announced:
@@ -279,7 +400,6 @@ class Records:
             digest = sha1_digest(payload)
             if payload and (seen := self._seen(digest)) is not None:
                 return self._write_revisit(uri, date, http, extra, digest, seen)
-            http.compute_headers_buffer(None)
             extra.append(("WARC-Payload-Digest", digest))
             extra.append(("WARC-Block-Digest", sha1_digest(http.headers_buff, payload)))
             head = self._warc_headers("response", uri, date, extra)
@@ -329,7 +449,6 @@ class Records:
         """A payload already recorded: the HTTP headers, and where the payload is. Its block
         is the headers alone."""
         w = self._writer
-        http.compute_headers_buffer(None)
         head = self._warc_headers(
             "revisit",
             uri,
@@ -349,18 +468,17 @@ class Records:
     def _write_request(self, hop: tuple[Any, ...], response_id: str, date: str) -> None:
         uri, request_line, request_headers, *_ = hop
         body: bytes = hop[7]
-        headers = [
-            (name, "***" if name.lower() in SECRET_HEADERS else value)
-            for name, value in request_headers
-        ]
-        method, _, target = request_line.partition(" ")
-        http = self._headers(
-            f"{method} {target.rsplit(' ', 1)[0]}",
-            headers,
-            protocol="HTTP/1.1",
-            is_http_request=True,
+        lines = "".join(
+            [
+                f"{name}: ***\r\n" if name.lower() in SECRET_HEADERS else f"{name}: {value}\r\n"
+                for name, value in request_headers
+            ]
         )
-        http.compute_headers_buffer(None)
+        # As aiohttp sends them, in UTF-8. warcio keeps a request's method where a response
+        # has its protocol.
+        block = f"{request_line}\r\n{lines}\r\n".encode()
+        method, _, target = request_line.partition(" ")
+        http = self._block(target, method, block)
         head = self._warc_headers(
             "request",
             uri,

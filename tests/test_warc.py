@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import gzip
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from warcio.archiveiterator import ArchiveIterator
 
 from fetcher.schema import result_schema
 from fetcher.warc import repair
+from fetcher.warcrecords import RecordIds, Records, warc_date, warcio_headers
 
 from .app import GZIP_TEXT, blob_bytes
 from .helpers import FETCHER
@@ -124,6 +128,8 @@ def test_every_exchange_is_recorded_as_it_came_off_the_wire(tmp_path: Path, base
         r for r in requests if r.rec_headers.get_header("WARC-Target-URI") == f"{base_url}/ok"
     )
     assert secret.http_headers.get_header("Authorization") == "***"
+    # The request line as sent: warcio reads a request's method where a response has its protocol.
+    assert (secret.http_headers.protocol, secret.http_headers.statusline) == ("GET", "/ok HTTP/1.1")
     assert b"s3cret" not in warc.read_bytes()
     assert b"s3cret" not in gzip.decompress(warc.read_bytes())
 
@@ -438,3 +444,53 @@ def test_resume_waits_for_the_writer_still_holding_the_file(tmp_path: Path, base
     results = by_id(json_lines(out.read_bytes()))
     assert record_at(results["b"]["warc"]).payload == blob_bytes("b")
     assert_accepted(warc)
+
+
+def test_record_ids_are_random_uuids_and_dates_are_now() -> None:
+    ids = RecordIds()
+    made = [ids.next() for _ in range(1000)]
+    assert len(set(made)) == len(made)
+    for record_id in made:
+        assert record_id.startswith("<urn:uuid:") and record_id.endswith(">")
+        parsed = uuid.UUID(record_id[len("<urn:uuid:") : -1])
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    before = datetime.datetime.now(datetime.UTC)
+    stamp = warc_date()
+    after = datetime.datetime.now(datetime.UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    parsed_date = datetime.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=datetime.UTC)
+    assert before - datetime.timedelta(microseconds=1) <= parsed_date <= after
+
+
+def test_a_response_is_recorded_with_its_header_bytes_as_they_came(tmp_path: Path) -> None:
+    """Names as spelt, values in the bytes received (not latin-1 text made ASCII)."""
+    path = tmp_path / "raw.warc.gz"
+    raw = ((b"X-MiXeD", b"caf\xc3\xa9"), (b"Content-Length", b"2"))
+    hop = ("http://h/p", "GET /p HTTP/1.1", [("Host", "h")], "200 OK", "HTTP/1.1", raw)
+    hop += ("127.0.0.1", b"", b"hi", False)
+    with open(path, "wb") as out:
+        records_ = Records(path, 0, out, max_size=1 << 30, software="t")
+        ref = records_.write([hop], None)  # type: ignore[arg-type]
+        records_.close()
+    with open(path, "rb") as f:
+        f.seek(ref["offset"])
+        response = next(iter(ArchiveIterator(f, no_record_parse=True)))
+        block = response.raw_stream.read()
+    assert block == b"HTTP/1.1 200 OK\r\nX-MiXeD: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nhi"
+    assert_accepted(path)
+
+
+@pytest.mark.parametrize(
+    ("statusline", "protocol"), [("", "WARC/1.1"), ("200 OK", "HTTP/1.1"), ("", "")]
+)
+def test_record_headers_are_written_as_warcio_writes_them(statusline: str, protocol: str) -> None:
+    from warcio.statusandheaders import StatusAndHeaders
+
+    pairs = [("WARC-Type", "response"), ("WARC-Target-URI", "http://h/é"), ("Content-Length", "0")]
+    ours = warcio_headers()[0](statusline, list(pairs), protocol)
+    theirs = StatusAndHeaders(statusline, list(pairs), protocol=protocol)
+    assert ours.to_bytes() == theirs.to_bytes()
+    ours.replace_header("content-length", "5")
+    theirs.replace_header("content-length", "5")
+    assert ours.get_header("content-length") == theirs.get_header("content-length") == "5"
+    assert ours.to_bytes() == theirs.to_bytes()
