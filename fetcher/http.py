@@ -183,7 +183,7 @@ class HttpHandler:
         self._hash = fields is None or "sha256" in fields or streamed
         #  Taking the peer's address (remote_addr, WARC-IP-Address) as each response starts
         #  costs a coroutine frame per response: skipped when no kept field needs it.
-        self._peer = self._kept is None or "remote_addr" in dict(self._kept)
+        self._peer = fields is None or streamed or "remote_addr" in fields
         self._proxy = _host_port(URL(settings.proxy)) if settings.proxy else None
         self._socks_config = settings.proxy is not None and is_socks(settings.proxy)
         self._trace = settings.trace
